@@ -1,0 +1,17 @@
+"""Criteria: score targets (higher means keep). Registered by name; see
+:func:`available_criteria`."""
+
+from __future__ import annotations
+
+from .base import Criterion, available_criteria, get_criterion, register_criterion
+from .weight import Clipping, Magnitude, Random
+
+__all__ = [
+    "Clipping",
+    "Criterion",
+    "Magnitude",
+    "Random",
+    "available_criteria",
+    "get_criterion",
+    "register_criterion",
+]

@@ -1,0 +1,98 @@
+"""The criterion interface and its registry.
+
+A criterion *scores* targets: it returns a tensor shaped like the target, higher meaning
+keep. It never selects and never touches masks or weights (Torch-Pruning's
+``Importance.__call__(group) -> scores`` split).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from ..targets import Target
+
+C = TypeVar("C", bound="type[Criterion]")
+
+_REGISTRY: dict[str, type[Criterion]] = {}
+
+
+class Criterion(abc.ABC):
+    """Scores targets; higher means keep.
+
+    Class attributes:
+        name: The registered name.
+        regrows: ``True`` when pruned weights may come back by design (splicing): the
+            pruner then neither nests masks nor masks optimizer state.
+    """
+
+    name: ClassVar[str] = ""
+    regrows: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def score(self, target: Target) -> torch.Tensor:
+        """Return a float tensor shaped like ``target.param``; higher means keep."""
+
+    def thresholds(self, step: int) -> tuple[float, float] | None:
+        """``(prune_below, regrow_at_or_above)`` for criteria that select by threshold.
+
+        ``None`` (the default) means selection by count, from the pruner's sparsity.
+        """
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """State needed for an exact resume (empty for stateless criteria)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"criterion {self.name!r} holds no state, got keys {sorted(state)}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def register_criterion(name: str) -> Callable[[C], C]:
+    """Class decorator adding a criterion to the registry under ``name``."""
+
+    def deco(cls: C) -> C:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"criterion name {name!r} is already registered to "
+                             f"{_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_criteria() -> list[str]:
+    """The registered criterion names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_criterion(spec: str | Criterion, **kwargs: Any) -> Criterion:
+    """Return a criterion object from a registered name (built with ``kwargs``) or an object.
+
+    Raises:
+        ValueError: for an unknown name; the message lists the registered names.
+        TypeError: for anything that is neither a string nor a :class:`Criterion`.
+    """
+    if isinstance(spec, Criterion):
+        if kwargs:
+            raise TypeError(f"options {sorted(kwargs)} apply only to a criterion given by name")
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"criterion must be a registered name or a Criterion, got "
+                        f"{type(spec).__name__}")
+    try:
+        cls = _REGISTRY[spec]
+    except KeyError:
+        raise ValueError(
+            f"unknown criterion {spec!r}; registered criteria: {', '.join(available_criteria())}"
+        ) from None
+    return cls(**kwargs)

@@ -1,0 +1,104 @@
+"""Masks and their enforcement on weights and optimizer state.
+
+A mask is a ``torch.bool`` tensor shaped like its target, ``True`` meaning kept. Weights
+stay where they are: enforcement writes zeros in place with ``torch.where(mask, w, 0,
+out=w)``, which allocates nothing (``w.mul_(mask)`` would materialise a float copy of the
+mask on every call), so the only memory added is one byte per target weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+from .targets import Target
+
+
+class MaskSet(Mapping[str, torch.Tensor]):
+    """Target name -> bool mask, with in-place enforcement.
+
+    Args:
+        targets: The managed parameters; every mask starts all ``True``.
+    """
+
+    def __init__(self, targets: list[Target]) -> None:
+        self._targets = {t.name: t for t in targets}
+        self._masks: dict[str, torch.Tensor] = {
+            t.name: torch.ones_like(t.param, dtype=torch.bool) for t in targets
+        }
+        self._zero = {t.name: t.param.new_zeros(()) for t in targets}
+        self._dense: set[str] = set(self._masks)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def set_(self, name: str, mask: torch.Tensor) -> None:
+        """Replace the mask of ``name`` (validated: bool, same shape and device)."""
+        old = self._masks[name]
+        if mask.dtype != torch.bool or mask.shape != old.shape:
+            raise ValueError(
+                f"mask for {name!r} must be torch.bool of shape {tuple(old.shape)}, got "
+                f"{mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        self._masks[name] = mask.to(old.device)
+        if bool(mask.all()):
+            self._dense.add(name)
+        else:
+            self._dense.discard(name)
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Zero every masked weight in place."""
+        for name, mask in self._masks.items():
+            if name not in self._dense:
+                p = self._targets[name].param
+                torch.where(mask, p, self._zero[name], out=p)
+
+    @torch.no_grad()
+    def apply_to_optimizer_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the masked entries of every optimizer state tensor shaped like its target.
+
+        Covers SGD's ``momentum_buffer``, Adam/AdamW's ``exp_avg``, ``exp_avg_sq`` and
+        ``max_exp_avg_sq``, and any other per-element state, so nothing regrows by accident.
+        """
+        for name, mask in self._masks.items():
+            if name in self._dense:
+                continue
+            state = optimizer.state.get(self._targets[name].param)
+            if not state:
+                continue
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                    torch.where(mask, value, value.new_zeros(()), out=value)
+
+    def sparsity(self) -> float:
+        """Fraction of masked elements over all targets."""
+        total = sum(m.numel() for m in self._masks.values())
+        kept = sum(int(m.sum()) for m in self._masks.values())
+        return 1.0 - kept / total if total else 0.0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the masks, keyed by target name."""
+        return {name: m.clone() for name, m in self._masks.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore masks; names must match the targets exactly. Validates before changing."""
+        if set(state) != set(self._masks):
+            missing = sorted(set(self._masks) - set(state))
+            extra = sorted(set(state) - set(self._masks))
+            raise ValueError(f"mask names do not match the targets: missing {missing}, "
+                             f"unexpected {extra}")
+        for name, mask in state.items():
+            old = self._masks[name]
+            if mask.dtype != torch.bool or mask.shape != old.shape:
+                raise ValueError(f"mask for {name!r} must be torch.bool of shape "
+                                 f"{tuple(old.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        for name, mask in state.items():
+            self.set_(name, mask.clone())
+

@@ -1,0 +1,265 @@
+"""The Pruner: a thin orchestrator deciding *when* masks are updated and enforcing them.
+
+It holds no maths of its own: criteria score, :mod:`secateurs.selection` selects,
+:class:`~secateurs.masks.MaskSet` enforces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .criteria import Criterion, get_criterion
+from .masks import MaskSet
+from .schedules import Schedule, as_schedule
+from .selection import (
+    Granularity,
+    check_scope,
+    check_shape,
+    parse_granularity,
+    select,
+    select_by_threshold,
+)
+from .targets import TargetSpec, resolve_targets
+
+SparsitySpec = Union[float, Schedule, Mapping[str, Union[float, Schedule]], None]
+
+
+class Pruner:
+    """Prunes a model while it trains: call :meth:`step` right after ``optimizer.step()``.
+
+    At step ``t`` (the number of earlier :meth:`step` calls), when ``t % update_every == 0``
+    and the target sparsity has changed (or the criterion regrows by design), the masks are
+    recomputed: the criterion scores every target, selection keeps the best units at the
+    target sparsity. Then, at every step, masked weights and the matching entries of every
+    optimizer state tensor are set to zero, so pruned weights stay exactly zero.
+
+    Args:
+        model: The model; its ``state_dict`` keys are never changed.
+        sparsity: Cumulative target sparsity in ``[0, 1)``: a float, a schedule of the step,
+            or a mapping target name -> float or schedule (per-layer sparsities; then
+            ``targets`` defaults to the mapping's names). ``None`` only for N:M (its
+            ``1 - N/M``) or for a criterion that selects by threshold.
+        criterion: A registered name (``magnitude``, ``random``, ``clipping``, ...) or a
+            :class:`~secateurs.criteria.Criterion`.
+        scope: ``layer`` (rank within each target), ``global`` (one ranking over all
+            targets) or ``row`` (within each output row).
+        granularity: ``element``, ``N:M`` (e.g. ``"2:4"``) or ``channel``.
+        update_every: Steps between mask updates.
+        optimizer: If given, its per-element state is masked too (not for criteria that
+            regrow, whose weights come back through that state).
+        targets: See :func:`secateurs.targets.resolve_targets`.
+
+    Raises:
+        ValueError: on any invalid argument, before anything is changed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: SparsitySpec = None,
+        criterion: str | Criterion = "magnitude",
+        *,
+        scope: str = "layer",
+        granularity: str | Granularity = "element",
+        update_every: int = 1,
+        optimizer: torch.optim.Optimizer | None = None,
+        targets: TargetSpec = None,
+    ) -> None:
+        if isinstance(sparsity, Mapping) and targets is None:
+            targets = list(sparsity)
+        self.model = model
+        self.targets = resolve_targets(model, targets)
+        self.criterion = get_criterion(criterion)
+        self.granularity = parse_granularity(granularity)
+        check_scope(scope, self.granularity)
+        self.scope = scope
+        if isinstance(update_every, bool) or not isinstance(update_every, int) \
+                or update_every < 1:
+            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+        self.update_every = update_every
+        for t in self.targets:
+            check_shape(t.name, t.param.shape, self.granularity)
+        self._schedules = self._resolve_sparsity(sparsity)
+        self.optimizer = optimizer
+        self.masks = MaskSet(self.targets)
+        self._step = 0
+        self._applied: dict[str, float] | None = None
+
+    def _resolve_sparsity(self, sparsity: SparsitySpec) -> dict[str, Schedule] | None:
+        if self.criterion.thresholds(0) is not None:
+            if sparsity is not None:
+                raise ValueError(f"criterion {self.criterion!r} selects by threshold; pass "
+                                 f"sparsity=None (got {sparsity!r}) or threshold=None")
+            if self.granularity.kind != "element":
+                raise ValueError("selection by threshold needs granularity 'element', got "
+                                 f"{self.granularity}")
+            return None
+        if sparsity is None:
+            if self.granularity.kind != "nm":
+                raise ValueError("sparsity is required (a float in [0, 1), a schedule, or a "
+                                 "mapping of target names to either)")
+            sparsity = self.granularity.max_sparsity
+        names = [t.name for t in self.targets]
+        if isinstance(sparsity, Mapping):
+            if self.scope == "global":
+                raise ValueError("per-target sparsities need scope 'layer' or 'row'; scope "
+                                 "'global' ranks all targets with one sparsity")
+            unknown = sorted(set(sparsity) - set(names))
+            missing = sorted(set(names) - set(sparsity))
+            if unknown or missing:
+                raise ValueError(f"sparsity mapping must name each target once: unknown "
+                                 f"{unknown}, missing {missing}")
+            out = {n: as_schedule(sparsity[n]) for n in names}
+        else:
+            schedule = as_schedule(sparsity)
+            out = dict.fromkeys(names, schedule)
+        for name, schedule in out.items():
+            self._check_range(name, schedule)
+        return out
+
+    def _check_range(self, name: str, schedule: Schedule) -> None:
+        low, high = schedule.bounds()
+        top = self.granularity.max_sparsity
+        valid = 0.0 <= low and (high <= top if top < 1 else high < 1.0)
+        if not valid:
+            allowed = f"[0, {top:g}]" if top < 1 else "[0, 1)"
+            raise ValueError(f"sparsity for {name!r} must stay in {allowed} at every step "
+                             f"(granularity {self.granularity}); {schedule!r} spans "
+                             f"[{low:g}, {high:g}]")
+
+    # -- the per-step path -------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Update masks when due, then enforce them. Call right after ``optimizer.step()``.
+
+        Returns:
+            ``True`` when the masks were recomputed at this step (a prune event, e.g. for LR
+            rewinding).
+        """
+        updated = self._step % self.update_every == 0 and self._due()
+        if updated:
+            self.update()
+        self.masks.apply_()
+        if self.optimizer is not None and not self.criterion.regrows:
+            self.masks.apply_to_optimizer_(self.optimizer)
+        self._step += 1
+        return updated
+
+    def _due(self) -> bool:
+        return self._schedules is None or self.criterion.regrows or \
+            self.target_sparsity() != self._applied
+
+    def target_sparsity(self) -> dict[str, float] | None:
+        """Target name -> target sparsity at the current step (``None`` for thresholds)."""
+        if self._schedules is None:
+            return None
+        return {name: float(s(self._step)) for name, s in self._schedules.items()}
+
+    def update(self) -> None:
+        """Recompute the masks now, from the current weights, and zero what they prune.
+
+        Raises:
+            ValueError: if a target holds NaN or Inf (nothing is changed).
+        """
+        for t in self.targets:
+            if not bool(torch.isfinite(t.param).all()):
+                raise ValueError(f"target {t.name!r} holds NaN or Inf values; masks cannot be "
+                                 "ranked on them (nothing was changed)")
+        scores = {t.name: self.criterion.score(t) for t in self.targets}
+        thresholds = self.criterion.thresholds(self._step)
+        sparsity = self.target_sparsity()
+        if thresholds is not None or sparsity is None:
+            low, high = thresholds if thresholds is not None else (0.0, 0.0)
+            new = select_by_threshold(scores, self.masks, low, high)
+        else:
+            previous = None if self.criterion.regrows else self.masks
+            new = select(scores, sparsity, self.granularity, self.scope, previous)
+        for name, mask in new.items():
+            self.masks.set_(name, mask)
+        self.masks.apply_()
+        self._applied = sparsity
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """How many times :meth:`step` has been called."""
+        return self._step
+
+    def sparsity(self, name: str | None = None) -> float:
+        """Realised sparsity (fraction of masked elements) over all targets, or of ``name``."""
+        if name is None:
+            return self.masks.sparsity()
+        mask = self.masks[name]
+        return 1.0 - int(mask.sum()) / mask.numel()
+
+    def summary(self) -> Summary:
+        """Per-target table: shape, parameters, non-zeros, sparsity."""
+        rows = []
+        for t in self.targets:
+            p = t.param.detach()
+            rows.append(TargetSummary(t.name, tuple(p.shape), p.numel(),
+                                      int(torch.count_nonzero(p)), self.sparsity(t.name)))
+        return Summary(rows)
+
+    # -- checkpointing -----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: step, masks, last applied targets, criterion."""
+        return {
+            "step": self._step,
+            "masks": self.masks.state_dict(),
+            "applied": None if self._applied is None else dict(self._applied),
+            "criterion": self.criterion.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; masks are validated before anything changes.
+
+        Model weights and optimizer state are restored by their own ``load_state_dict``.
+        """
+        step = state["step"]
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"state 'step' must be an integer >= 0, got {step!r}")
+        self.masks.load_state_dict(state["masks"])
+        self.criterion.load_state_dict(state["criterion"])
+        self._step = step
+        applied = state["applied"]
+        self._applied = None if applied is None else dict(applied)
+
+
+@dataclass(frozen=True)
+class TargetSummary:
+    """One row of :meth:`Pruner.summary`."""
+
+    name: str
+    shape: tuple[int, ...]
+    params: int
+    nonzero: int
+    sparsity: float
+
+
+class Summary(list[TargetSummary]):
+    """Rows of :class:`TargetSummary`; ``str()`` renders a table with a total row."""
+
+    def __str__(self) -> str:
+        params = sum(r.params for r in self)
+        nonzero = sum(r.nonzero for r in self)
+        masked = sum(r.sparsity * r.params for r in self)
+        total = TargetSummary("total", (), params, nonzero, masked / params if params else 0.0)
+        cells = [(r.name, "x".join(map(str, r.shape)), f"{r.params:,}", f"{r.nonzero:,}",
+                  f"{r.sparsity:.1%}") for r in [*self, total]]
+        head = ("target", "shape", "params", "non-zero", "sparsity")
+        widths = [max(len(c[i]) for c in [head, *cells]) for i in range(5)]
+
+        def line(c: tuple[str, ...]) -> str:
+            return "  ".join(x.ljust(w) if i < 2 else x.rjust(w)
+                             for i, (x, w) in enumerate(zip(c, widths, strict=True)))
+
+        rule = "  ".join("-" * w for w in widths)
+        return "\n".join([line(head), rule, *map(line, cells[:-1]), rule, line(cells[-1])])
