@@ -89,6 +89,17 @@ class Pruner:
         self.masks = MaskSet(self.targets)
         self._step = 0
         self._applied: dict[str, float] | None = None
+        self.criterion.bind(model, self.targets)
+
+    def close(self) -> None:
+        """Detach the criterion's statistics hooks, if any (masks stay as they are)."""
+        self.criterion.close()
+
+    def __enter__(self) -> Pruner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _resolve_sparsity(self, sparsity: SparsitySpec) -> dict[str, Schedule] | None:
         if self.criterion.thresholds(0) is not None:

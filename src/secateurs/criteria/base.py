@@ -32,6 +32,13 @@ class Criterion(abc.ABC):
     name: ClassVar[str] = ""
     regrows: ClassVar[bool] = False
 
+    def bind(self, model: torch.nn.Module, targets: list[Target]) -> None:
+        """Called once by the pruner before training; data-driven criteria attach their
+        statistics hooks here. The default does nothing."""
+
+    def close(self) -> None:
+        """Detach whatever :meth:`bind` attached. The default does nothing."""
+
     @abc.abstractmethod
     def score(self, target: Target) -> torch.Tensor:
         """Return a float tensor shaped like ``target.param``; higher means keep."""
