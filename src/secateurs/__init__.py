@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import criteria, schedules, selection  # TEMP
+from . import controllers, criteria, lr, schedules, selection
 from .clipping import clip_
 from .criteria import Criterion, available_criteria, register_criterion
 from .masks import MaskSet

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from .selection import (
 )
 from .targets import TargetSpec, resolve_targets
 
-SparsitySpec = Union[float, Schedule, Mapping[str, Union[float, Schedule]], None]
+SparsitySpec = float | Schedule | Mapping[str, float | Schedule] | None
 
 
 class Pruner:
@@ -136,7 +136,7 @@ class Pruner:
     def _check_range(self, name: str, schedule: Schedule) -> None:
         low, high = schedule.bounds()
         top = self.granularity.max_sparsity
-        valid = 0.0 <= low and (high <= top if top < 1 else high < 1.0)
+        valid = low >= 0.0 and (high <= top if top < 1 else high < 1.0)
         if not valid:
             allowed = f"[0, {top:g}]" if top < 1 else "[0, 1)"
             raise ValueError(f"sparsity for {name!r} must stay in {allowed} at every step "

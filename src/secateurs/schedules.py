@@ -58,18 +58,6 @@ def _positive(name: str, value: object) -> float:
     return out
 
 
-def _validate_ramp(ramp: Linear | Cosine | Polynomial) -> None:
-    """Validate and normalise the ``initial, final, begin_step, end_step`` fields."""
-    object.__setattr__(ramp, "initial", _real("initial", ramp.initial))
-    object.__setattr__(ramp, "final", _real("final", ramp.final))
-    object.__setattr__(ramp, "begin_step", _integer("begin_step", ramp.begin_step, 0))
-    object.__setattr__(ramp, "end_step", _integer("end_step", ramp.end_step, 1))
-    if ramp.end_step <= ramp.begin_step:
-        raise ValueError(
-            f"end_step must be greater than begin_step ({ramp.begin_step}), got {ramp.end_step!r}"
-        )
-
-
 def _clamp(value: float, a: float, b: float) -> float:
     """Clamp into ``[min(a, b), max(a, b)]``: interpolation can overshoot by an ulp."""
     return min(max(value, min(a, b)), max(a, b))
@@ -105,13 +93,7 @@ class Schedule(abc.ABC):
     """
 
     def __call__(self, step: int) -> float:
-        """Return the value at ``step``.
-
-        Args:
-            step: The step, an integer ``>= 0``.
-
-        Returns:
-            The value at ``step``.
+        """Return the value at ``step``, an integer ``>= 0``.
 
         Raises:
             TypeError: If ``step`` is not an integer.
@@ -130,6 +112,29 @@ class Schedule(abc.ABC):
         A limit that is approached but never reached (e.g. ``0`` for an
         exponential decay) is reported as the bound; it may be ``±inf``.
         """
+
+
+class _Ramp(Schedule):
+    """Base of schedules from ``initial`` (to ``begin_step``) to ``final`` (from ``end_step``)."""
+
+    initial: float
+    final: float
+    begin_step: int
+    end_step: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "initial", _real("initial", self.initial))
+        object.__setattr__(self, "final", _real("final", self.final))
+        object.__setattr__(self, "begin_step", _integer("begin_step", self.begin_step, 0))
+        object.__setattr__(self, "end_step", _integer("end_step", self.end_step, 1))
+        if self.end_step <= self.begin_step:
+            raise ValueError(
+                f"end_step must be greater than begin_step ({self.begin_step}), "
+                f"got {self.end_step!r}"
+            )
+
+    def bounds(self) -> tuple[float, float]:
+        return (min(self.initial, self.final), max(self.initial, self.final))
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,7 @@ class Constant(Schedule):
 
 
 @dataclass(frozen=True)
-class Linear(Schedule):
+class Linear(_Ramp):
     """Linear interpolation from ``initial`` to ``final``.
 
     ``v_t = initial + (final - initial) * (t - begin_step) / (end_step - begin_step)``
@@ -172,9 +177,6 @@ class Linear(Schedule):
     begin_step: int = 0
     end_step: int
 
-    def __post_init__(self) -> None:
-        _validate_ramp(self)
-
     def _value(self, step: int) -> float:
         if step <= self.begin_step:
             return self.initial
@@ -182,9 +184,6 @@ class Linear(Schedule):
             return self.final
         frac = (step - self.begin_step) / (self.end_step - self.begin_step)
         return _clamp(self.initial + (self.final - self.initial) * frac, self.initial, self.final)
-
-    def bounds(self) -> tuple[float, float]:
-        return (min(self.initial, self.final), max(self.initial, self.final))
 
 
 @dataclass(frozen=True)
@@ -284,7 +283,7 @@ def _increasing(name: str, values: object) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class Cosine(Schedule):
+class Cosine(_Ramp):
     """Half-cosine annealing from ``initial`` to ``final``.
 
     ``v_t = final + (initial - final) * (1 + cos(pi * (t - t0) / (t1 - t0))) / 2``
@@ -306,9 +305,6 @@ class Cosine(Schedule):
     begin_step: int = 0
     end_step: int
 
-    def __post_init__(self) -> None:
-        _validate_ramp(self)
-
     def _value(self, step: int) -> float:
         if step <= self.begin_step:
             return self.initial
@@ -318,12 +314,9 @@ class Cosine(Schedule):
         value = self.final + (self.initial - self.final) * (1.0 + math.cos(math.pi * frac)) / 2.0
         return _clamp(value, self.initial, self.final)
 
-    def bounds(self) -> tuple[float, float]:
-        return (min(self.initial, self.final), max(self.initial, self.final))
-
 
 @dataclass(frozen=True)
-class Polynomial(Schedule):
+class Polynomial(_Ramp):
     """Polynomial interpolation of Zhu & Gupta (2017), the gradual pruning schedule.
 
     ``s_t = s_f + (s_i - s_f) * (1 - (t' - t0) / (t1 - t0)) ** power`` where
@@ -349,7 +342,7 @@ class Polynomial(Schedule):
     frequency: int = 1
 
     def __post_init__(self) -> None:
-        _validate_ramp(self)
+        super().__post_init__()
         object.__setattr__(self, "power", _positive("power", self.power))
         object.__setattr__(self, "frequency", _integer("frequency", self.frequency, 1))
 
@@ -363,9 +356,6 @@ class Polynomial(Schedule):
         remaining = 1.0 - elapsed / (self.end_step - self.begin_step)
         value = self.final + (self.initial - self.final) * remaining**self.power
         return _clamp(value, self.initial, self.final)
-
-    def bounds(self) -> tuple[float, float]:
-        return (min(self.initial, self.final), max(self.initial, self.final))
 
 
 @dataclass(frozen=True)
@@ -397,7 +387,7 @@ class Warmup(Schedule):
     "Accurate, Large Minibatch SGD").
 
     Args:
-        schedule: The schedule that follows; a float becomes :class:`Constant`.
+        schedule: The schedule that follows.
         warmup_steps: Length of the ramp, ``>= 0`` (0 disables it).
         initial: Value at step 0.
     """
@@ -407,7 +397,7 @@ class Warmup(Schedule):
     initial: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "schedule", as_schedule(self.schedule))
+        _require_schedule("schedule", self.schedule)
         object.__setattr__(self, "warmup_steps", _integer("warmup_steps", self.warmup_steps, 0))
         object.__setattr__(self, "initial", _real("initial", self.initial))
 
@@ -433,7 +423,7 @@ class Join(Schedule):
     receives the local step ``t - boundaries[i-1]`` (``t`` for the first).
 
     Args:
-        schedules: The schedules, at least one; floats become :class:`Constant`.
+        schedules: The schedules, at least one.
         boundaries: Strictly increasing steps ``>= 1``, one fewer than ``schedules``.
     """
 
@@ -443,7 +433,9 @@ class Join(Schedule):
     def __post_init__(self) -> None:
         if not isinstance(self.schedules, Sequence) or not self.schedules:
             raise ValueError(f"schedules must be a non-empty sequence, got {self.schedules!r}")
-        object.__setattr__(self, "schedules", tuple(as_schedule(s) for s in self.schedules))
+        for i, schedule in enumerate(self.schedules):
+            _require_schedule(f"schedules[{i}]", schedule)
+        object.__setattr__(self, "schedules", tuple(self.schedules))
         if len(self.schedules) == 1 and not self.boundaries:
             object.__setattr__(self, "boundaries", ())
             return
@@ -470,14 +462,16 @@ class Join(Schedule):
         return (min(low for low, _ in pairs), max(high for _, high in pairs))
 
 
+def _require_schedule(name: str, value: object) -> None:
+    if not isinstance(value, Schedule):
+        raise TypeError(
+            f"{name} must be a Schedule (use Constant(x) for a number), "
+            f"got {type(value).__name__} {value!r}"
+        )
+
+
 def as_schedule(value: float | Schedule) -> Schedule:
     """Return ``value`` as a schedule: schedules pass through, numbers become :class:`Constant`.
-
-    Args:
-        value: A :class:`Schedule` or a real number.
-
-    Returns:
-        The schedule.
 
     Raises:
         TypeError: If ``value`` is neither a schedule nor a real number.
