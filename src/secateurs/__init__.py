@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import controllers, criteria, lr, schedules, selection
+from . import controllers, criteria, lr, report, schedules, selection, tasks, train
 from .clipping import clip_
 from .criteria import Criterion, available_criteria, register_criterion
 from .masks import MaskSet
@@ -25,7 +25,10 @@ __all__ = [
     "criteria",
     "lr",
     "register_criterion",
+    "report",
     "resolve_targets",
     "schedules",
     "selection",
+    "tasks",
+    "train",
 ]
