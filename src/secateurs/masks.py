@@ -8,7 +8,7 @@ mask on every call), so the only memory added is one byte per target weight.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -38,6 +38,10 @@ class MaskSet(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._masks)
+
+    def target(self, name: str) -> Target:
+        """The managed parameter whose mask is ``name``."""
+        return self._targets[name]
 
     def set_(self, name: str, mask: torch.Tensor) -> None:
         """Replace the mask of ``name`` (validated: bool, same shape and device)."""
@@ -78,10 +82,11 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 if isinstance(value, torch.Tensor) and value.shape == mask.shape:
                     torch.where(mask, value, value.new_zeros(()), out=value)
 
-    def sparsity(self) -> float:
-        """Fraction of masked elements over all targets."""
-        total = sum(m.numel() for m in self._masks.values())
-        kept = sum(int(m.sum()) for m in self._masks.values())
+    def sparsity(self, names: Iterable[str] | None = None) -> float:
+        """Fraction of masked elements over all targets, or over the targets ``names``."""
+        masks = list(self._masks.values()) if names is None else [self._masks[n] for n in names]
+        total = sum(m.numel() for m in masks)
+        kept = sum(int(m.sum()) for m in masks)
         return 1.0 - kept / total if total else 0.0
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -23,8 +23,10 @@ from .selection import (
     parse_granularity,
     select,
     select_by_threshold,
+    select_units,
 )
-from .targets import TargetSpec, resolve_targets
+from .structured.groups import ChannelGroup, Structure, discover
+from .targets import Target, TargetSpec, resolve_targets
 
 SparsitySpec = float | Schedule | Mapping[str, float | Schedule] | None
 
@@ -48,14 +50,27 @@ class Pruner:
             :class:`~secateurs.criteria.Criterion`.
         scope: ``layer`` (rank within each target), ``global`` (one ranking over all
             targets) or ``row`` (within each output row).
-        granularity: ``element``, ``N:M`` (e.g. ``"2:4"``) or ``channel``.
+        granularity: ``element``, ``N:M`` (e.g. ``"2:4"``) or ``channel``. With ``channel``
+            and ``example_inputs``, a unit is a whole channel group (see
+            :mod:`secateurs.structured.groups`): a filter or neuron together with its bias,
+            its BatchNorm scale and shift and the input columns of the layers that read
+            it, or a whole attention head; its masks cover every coupled parameter, so the
+            masked model computes what :func:`secateurs.compact_` will make of it. A group
+            shared by several targets takes the largest of their sparsities; targets whose
+            channels cannot go (model outputs, LayerNorm-normalised widths) keep them.
+            Without ``example_inputs``, ``channel`` ranks the output rows of each target
+            alone and masks nothing else.
         update_every: Steps between mask updates.
         optimizer: If given, its per-element state is masked too (not for criteria that
             regrow, whose weights come back through that state).
         targets: See :func:`secateurs.targets.resolve_targets`.
+        example_inputs: Inputs the model can be called on (a tensor, a tuple of positional
+            arguments or a dict of keyword arguments), traced once to find channel groups;
+            only for ``granularity="channel"``.
 
     Raises:
-        ValueError: on any invalid argument, before anything is changed.
+        ValueError: on any invalid argument, or a target whose channel coupling cannot be
+            resolved (naming it), before anything is changed.
     """
 
     def __init__(
@@ -69,6 +84,7 @@ class Pruner:
         update_every: int = 1,
         optimizer: torch.optim.Optimizer | None = None,
         targets: TargetSpec = None,
+        example_inputs: Any = None,
     ) -> None:
         if isinstance(sparsity, Mapping) and targets is None:
             targets = list(sparsity)
@@ -85,11 +101,48 @@ class Pruner:
         for t in self.targets:
             check_shape(t.name, t.param.shape, self.granularity)
         self._schedules = self._resolve_sparsity(sparsity)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got "
+                            f"{type(optimizer).__name__} {optimizer!r}")
         self.optimizer = optimizer
-        self.masks = MaskSet(self.targets)
+        self.structure: Structure | None = None
+        self._groups: dict[str, tuple[ChannelGroup, list[str]]] = {}
+        coupled: list[Target] = []
+        if example_inputs is not None:
+            coupled = self._find_groups(example_inputs)
+        self.masks = MaskSet(self.targets + coupled)
         self._step = 0
         self._applied: dict[str, float] | None = None
         self.criterion.bind(model, self.targets)
+
+    def _find_groups(self, example_inputs: Any) -> list[Target]:
+        """Discover channel groups; return the coupled parameters that are not targets."""
+        if self.granularity.kind != "channel":
+            raise ValueError(f"example_inputs finds channel groups and needs granularity "
+                             f"'channel', got {self.granularity}")
+        if self._schedules is None:
+            raise ValueError("channel groups are selected by sparsity, not by threshold")
+        self.structure = discover(self.model, example_inputs)
+        names = [t.name for t in self.targets]
+        for g in self.structure.groups:
+            produced = [n for n in names if g.produces(n)]
+            if produced and g.error is not None:
+                raise ValueError(f"cannot prune the output channels of {produced}: {g.error}")
+            if produced and g.fixed is None:
+                self._groups[g.name] = (g, produced)
+        if not self._groups:
+            reasons = "; ".join(f"{g.name}: {g.fixed}" for g in self.structure.groups
+                                if g.fixed and any(g.produces(n) for n in names))
+            raise ValueError(f"no target has output channels that can be removed ({reasons})")
+        known = set(names)
+        coupled: dict[str, Target] = {}
+        for g, _ in self._groups.values():
+            for s in g.slices:
+                if s.param not in known and s.param not in coupled:
+                    module = self.model.get_submodule(s.module)
+                    param_name = s.param[len(s.module) + 1:] if s.module else s.param
+                    coupled[s.param] = Target(s.param, s.module, module, param_name)
+        return list(coupled.values())
 
     def close(self) -> None:
         """Detach the criterion's statistics hooks, if any (masks stay as they are)."""
@@ -177,17 +230,20 @@ class Pruner:
         Raises:
             ValueError: if a target holds NaN or Inf (nothing is changed).
         """
-        for t in self.targets:
-            if not bool(torch.isfinite(t.param).all()):
-                raise ValueError(f"target {t.name!r} holds NaN or Inf values; masks cannot be "
+        for name in self.masks:
+            if not bool(torch.isfinite(self.masks.target(name).param).all()):
+                raise ValueError(f"target {name!r} holds NaN or Inf values; masks cannot be "
                                  "ranked on them (nothing was changed)")
-        scores = {t.name: self.criterion.score(t) for t in self.targets}
         thresholds = self.criterion.thresholds(self._step)
         sparsity = self.target_sparsity()
-        if thresholds is not None or sparsity is None:
+        if self._groups and sparsity is not None:
+            new = self._select_channels(sparsity)
+        elif thresholds is not None or sparsity is None:
+            scores = {t.name: self.criterion.score(t) for t in self.targets}
             low, high = thresholds if thresholds is not None else (0.0, 0.0)
             new = select_by_threshold(scores, self.masks, low, high)
         else:
+            scores = {t.name: self.criterion.score(t) for t in self.targets}
             previous = None if self.criterion.regrows else self.masks
             new = select(scores, sparsity, self.granularity, self.scope, previous)
         for name, mask in new.items():
@@ -195,7 +251,32 @@ class Pruner:
         self.masks.apply_()
         self._applied = sparsity
 
+    def _select_channels(self, sparsity: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """Masks of every coupled parameter from unit scores of each channel group."""
+        score_group = getattr(self.criterion, "score_group", None)
+        if callable(score_group):
+            scores = {name: score_group(g, self.model) for name, (g, _) in self._groups.items()}
+        else:
+            wanted = {p for g, _ in self._groups.values() for p in g.params}
+            element = {t.name: self.criterion.score(t) for t in self.targets if t.name in wanted}
+            scores = {name: g.reduce(element) for name, (g, _) in self._groups.items()}
+        target = {name: max(sparsity[t] for t in produced)
+                  for name, (_, produced) in self._groups.items()}
+        previous = None if self.criterion.regrows else \
+            {name: ~g.off(self.masks) for name, (g, _) in self._groups.items()}
+        keeps = select_units(scores, target, self.scope, previous)
+        assert self.structure is not None
+        masks = self.structure.masks(keeps)
+        return {name: masks[name] if name in masks else torch.ones_like(self.masks[name])
+                for name in self.masks}
+
     # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def channel_groups(self) -> list[ChannelGroup]:
+        """The channel groups whose units this pruner removes (empty unless granularity is
+        ``channel`` with ``example_inputs``)."""
+        return [g for g, _ in self._groups.values()]
 
     @property
     def step_count(self) -> int:
@@ -205,7 +286,7 @@ class Pruner:
     def sparsity(self, name: str | None = None) -> float:
         """Realised sparsity (fraction of masked elements) over all targets, or of ``name``."""
         if name is None:
-            return self.masks.sparsity()
+            return self.masks.sparsity(t.name for t in self.targets)
         mask = self.masks[name]
         return 1.0 - int(mask.sum()) / mask.numel()
 

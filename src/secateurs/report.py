@@ -37,6 +37,7 @@ __all__ = [
     "new_report_dir",
     "plot_bars",
     "plot_series",
+    "plot_xy",
     "print_table",
     "text_table",
     "training_figures",
@@ -298,6 +299,71 @@ def plot_bars(
     return _save(fig, path)
 
 
+#: Points of :func:`plot_xy`: name -> ``(xs, ys)``.
+Curves = Mapping[str, tuple[Sequence[float], Sequence[float]]]
+
+
+def plot_xy(
+    curves: Curves,
+    path: str | os.PathLike[str],
+    *,
+    xlabel: str,
+    ylabel: str,
+    lines: bool = True,
+    front: tuple[Sequence[float], Sequence[float]] | None = None,
+    chosen: tuple[float, float] | None = None,
+    hline: tuple[float, str] | None = None,
+    percent: tuple[bool, bool] = (False, False),
+    log_x: bool = False,
+    title: str = "",
+) -> Path:
+    """Points or lines against a numeric x axis, one color per name.
+
+    Metric against sparsity with one line per layer (sensitivity), or trials as points
+    with their Pareto front and the chosen one (a search).
+
+    Args:
+        curves: Name -> ``(xs, ys)``.
+        path: PNG file to write.
+        xlabel: Label of the x axis.
+        ylabel: Label of the y axis.
+        lines: Join each name's points with a line; otherwise draw them as a scatter.
+        front: ``(xs, ys)`` of a Pareto front, drawn as a dark line through its points.
+        chosen: ``(x, y)`` of a chosen point, circled in red.
+        hline: ``(height, label)`` of a dashed horizontal reference line (e.g. a budget).
+        percent: Format the x and the y axis as percentages of 1.
+        log_x: Logarithmic x axis.
+        title: Figure title.
+
+    Returns:
+        ``path``.
+    """
+    colors = _colors(list(curves))
+    fig = Figure(figsize=(8, 4.6), layout="constrained")
+    ax = fig.subplots()
+    for name, (xs, ys) in curves.items():
+        if lines:
+            ax.plot(list(xs), list(ys), "o-", color=colors[name], label=name, markersize=3.5)
+        else:
+            ax.scatter(list(xs), list(ys), color=colors[name], label=name, s=22, zorder=3)
+    if front is not None and len(front[0]):
+        ax.plot(list(front[0]), list(front[1]), "-", color="0.2", linewidth=1,
+                label="Pareto front", zorder=2)
+    if chosen is not None:
+        ax.scatter([chosen[0]], [chosen[1]], s=160, facecolors="none", edgecolors="red",
+                   linewidths=1.8, label="chosen", zorder=4)
+    if hline is not None:
+        ax.axhline(hline[0], color="0.3", linestyle="--", linewidth=1, label=hline[1] or None)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    _decorate(ax, Panel((), ylabel, percent=percent[1]))
+    if percent[0]:
+        ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    return _save(fig, path)
+
+
 # -- the report folder ---------------------------------------------------------------------
 
 
@@ -333,14 +399,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_metrics(path: Path, *, title: str, command: str, settings: Mapping[str, Any],
-                  records: Sequence[RunRecord]) -> Path:
-    """Write ``metrics.json``: settings, machine, and per run its metrics and histories."""
+                  records: Sequence[RunRecord], extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``metrics.json``: settings, machine, per run its metrics and histories, and
+    the top-level entries of ``extra`` (e.g. the chosen configuration)."""
     payload = {
         "title": title, "command": command, "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": dict(settings),
         "runs": {r.name: {"description": r.description, "metrics": r.metrics,
                           "settings": r.settings, "steps": r.steps, "epochs": r.epochs,
                           "layers": r.layers} for r in records},
+        **(extra or {}),
     }
     path.write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
     return path
@@ -409,6 +477,9 @@ def write_report(
     settings: Mapping[str, Any],
     figures: Sequence[FigureSpec] | None = None,
     notes: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
+    folder: str | os.PathLike[str] | None = None,
+    sections: Sequence[str] = (),
 ) -> Path:
     """Write a report folder ``<base>/<YYYYmmdd-HHMMSS>/`` and return its path.
 
@@ -425,13 +496,17 @@ def write_report(
         settings: Settings shared by all runs.
         figures: Figures to draw; ``None`` for :func:`training_figures`.
         notes: Paragraphs added after the table.
+        extra: Further top-level entries of ``metrics.json``.
+        folder: Write into this existing folder instead of a new timestamped one (a
+            resumed run rewrites its own report).
+        sections: Markdown blocks added after the notes (further tables).
     """
-    folder = new_report_dir(base)
+    folder = new_report_dir(base) if folder is None else Path(folder)
     figures = training_figures(records) if figures is None else figures
     for figure in figures:
         figure.draw(folder / figure.filename)
     write_metrics(folder / "metrics.json", title=title, command=command, settings=settings,
-                  records=records)
+                  records=records, extra=extra)
     info = machine()
     header = [c.header for c in columns]
     rows = [[c.cell(r) for c in columns] for r in records]
@@ -440,6 +515,8 @@ def write_report(
              f"Python {info['python']}.", "", markdown_table(header, rows), ""]
     for note in notes:
         lines += [note, ""]
+    for section in sections:
+        lines += [section, ""]
     lines += ["## Runs", ""]
     for r in records:
         lines += [f"### {r.name}", "", r.description, "", *_settings_md(r.settings), ""]

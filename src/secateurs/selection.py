@@ -52,7 +52,8 @@ def parse_granularity(spec: str | Granularity) -> Granularity:
     if isinstance(spec, Granularity):
         return spec
     if not isinstance(spec, str):
-        raise TypeError(f"granularity must be a string, got {type(spec).__name__}")
+        raise TypeError(f"granularity must be a string such as 'element', 'channel' or '2:4', "
+                        f"got {type(spec).__name__} {spec!r}")
     if spec in ("element", "channel"):
         return Granularity(spec)
     match = _NM.match(spec)
@@ -195,3 +196,49 @@ def select_by_threshold(
     if not 0 <= low <= high:
         raise ValueError(f"thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
     return {name: (s >= high) | (previous[name] & (s >= low)) for name, s in scores.items()}
+
+
+def select_units(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: Mapping[str, float],
+    scope: str,
+    previous: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Keep vectors over groups of units (channels, neurons, heads), one value per unit.
+
+    Each group loses ``round(s * n)`` of its ``n`` units, the lowest-scored, and always
+    keeps at least one. With ``scope="global"`` one ranking runs over every group, each
+    group's scores divided by their mean over its kept units so that groups of different
+    sizes and scales compare (Torch-Pruning's ``normalizer="mean"``).
+
+    Args:
+        scores: Group name -> 1-D unit scores; higher means keep.
+        sparsity: Group name -> fraction of units to remove (one shared value for
+            ``scope="global"``).
+        scope: ``layer`` (rank within each group) or ``global``.
+        previous: Group name -> earlier keep vector; what it removed stays removed.
+
+    Returns:
+        Group name -> bool keep vector (``True`` = kept).
+    """
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope {scope!r} cannot rank whole channels; valid: 'layer', 'global'")
+    units: dict[str, torch.Tensor] = {}
+    for name, score in scores.items():
+        s = score.detach().double().reshape(-1)
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"scores of channel group {name!r} hold NaN or Inf values")
+        kept = torch.ones_like(s, dtype=torch.bool) if previous is None else previous[name]
+        if scope == "global":
+            mean = s[kept].mean() if bool(kept.any()) else s.new_ones(())
+            s = s / mean if float(mean) > 0 else s
+        units[name] = s.masked_fill(~kept, -math.inf)
+    if scope == "global":
+        keeps = _select_global(units, sparsity)
+    else:
+        keeps = {name: _keep_lowest_out(u, min(_count(sparsity[name], u), u.numel() - 1))
+                 for name, u in units.items()}
+    for name, keep in keeps.items():
+        if keep.numel() and not bool(keep.any()):
+            keep[int(torch.argmax(units[name]))] = True
+    return keeps

@@ -88,7 +88,11 @@ def resolve_targets(model: nn.Module, targets: TargetSpec = None) -> list[Target
         chosen = [t for t in candidates
                   if isinstance(t.module, _DEFAULT_TYPES) and t.param_name == "weight"]
     elif isinstance(targets, (str, re.Pattern)):
-        pattern = re.compile(targets)
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"targets={_describe(targets)} is not a valid regular expression: "
+                             f"{err}") from None
         chosen = [t for t in candidates if pattern.search(t.name)]
     elif callable(targets):
         chosen = [t for t in candidates

@@ -33,6 +33,7 @@ __all__ = [
     "Splits",
     "StepCallback",
     "evaluate",
+    "run_epoch",
     "steps_per_epoch",
     "train",
 ]
@@ -143,6 +144,52 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Los
     return float(loss.detach())
 
 
+def run_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    split: Split,
+    *,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    callbacks: Sequence[StepCallback] = (),
+    loss_fn: LossFn = F.cross_entropy,
+    first_step: int = 0,
+    history: History | None = None,
+    bar: tqdm | None = None,
+) -> list[float]:
+    """One pass over ``split`` by minibatches in a random order; returns the step losses.
+
+    The model is put in training mode. Step callbacks run in order right after each
+    ``optimizer.step()`` with the global step (``first_step`` for the first batch).
+
+    Args:
+        model: The classifier.
+        optimizer: Any torch optimizer over the model's parameters.
+        split: The training examples.
+        batch_size: Examples per step, ``>= 1``; the last batch may be smaller.
+        generator: Draws the batch order (a fresh unseeded one when ``None``).
+        callbacks: Step callbacks (pruning, LR schedules, clipping).
+        loss_fn: ``loss_fn(logits, labels) -> scalar``.
+        first_step: Global step of the first batch.
+        history: Where each step's record is appended, if given.
+        bar: Progress bar advanced once per step, if given.
+    """
+    order = torch.randperm(len(split), generator=generator).split(_count("batch_size",
+                                                                        batch_size))
+    losses: list[float] = []
+    model.train()
+    for idx in order:
+        losses.append(_train_step(model, optimizer, loss_fn, split.x[idx], split.y[idx]))
+        record = {"loss": losses[-1], "lr": float(optimizer.param_groups[0]["lr"])}
+        for callback in callbacks:
+            record.update(callback(first_step + len(losses) - 1) or {})
+        if history is not None:
+            history.record_step(record)
+        if bar is not None:
+            bar.update()
+    return losses
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -191,18 +238,9 @@ def train(
                dynamic_ncols=True)
     start = time.perf_counter()
     for epoch in range(epochs):
-        order = torch.randperm(len(data.train), generator=generator).split(batch_size)
-        losses = []
-        model.train()
-        for idx in order:
-            losses.append(_train_step(model, optimizer, loss_fn, data.train.x[idx],
-                                      data.train.y[idx]))
-            record = {"loss": losses[-1], "lr": float(optimizer.param_groups[0]["lr"])}
-            step = epoch * per_epoch + len(losses) - 1
-            for callback in callbacks:
-                record.update(callback(step) or {})
-            history.record_step(record)
-            bar.update()
+        losses = run_epoch(model, optimizer, data.train, batch_size=batch_size,
+                           generator=generator, callbacks=callbacks, loss_fn=loss_fn,
+                           first_step=epoch * per_epoch, history=history, bar=bar)
         summary = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
                    "val_accuracy": evaluate(model, data.val),
                    "test_accuracy": evaluate(model, data.test)}

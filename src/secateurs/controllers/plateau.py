@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
 
+from secateurs.controllers.level import read_metric
 from secateurs.lr import ScheduledLR
 
 __all__ = ["Plateau"]
@@ -64,6 +65,8 @@ class Plateau:
         min_lr: Lower bound on each group's lr, a float or one per group; for an
             optimizer target only.
         eps: Smallest change applied, as torch's ``eps``.
+        metric: Key read when :meth:`observe` is given a mapping of metrics (default
+            ``"accuracy"`` in mode ``"max"``, ``"loss"`` in mode ``"min"``).
 
     Raises:
         TypeError: If ``target`` is neither a ScheduledLR nor an optimizer.
@@ -84,6 +87,7 @@ class Plateau:
         min_scale: float = 0.0,
         min_lr: float | Sequence[float] = 0.0,
         eps: float = 1e-8,
+        metric: str | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -101,6 +105,7 @@ class Plateau:
         self.cooldown = _count("cooldown", cooldown)
         self.min_scale = _non_negative("min_scale", min_scale)
         self.eps = _non_negative("eps", eps)
+        self.metric = metric if metric is not None else ("loss" if mode == "min" else "accuracy")
         self._init_min_lrs(target, min_lr)
         self.best = math.inf if mode == "min" else -math.inf
         self.num_bad_epochs = 0
@@ -152,11 +157,12 @@ class Plateau:
             return metric < self.best - self.threshold
         return metric > self.best + self.threshold
 
-    def observe(self, metric: float | torch.Tensor) -> bool:
+    def observe(self, metric: float | torch.Tensor | Mapping[str, float]) -> bool:
         """Record a metric and reduce the learning rate when it has plateaued.
 
         Args:
-            metric: The metric, a float or a one-element tensor.
+            metric: The metric, a float or a one-element tensor, or a mapping of metrics
+                holding the key :attr:`metric`.
 
         Returns:
             True when a learning rate (or the scale) was reduced by this call.
@@ -164,7 +170,8 @@ class Plateau:
         Raises:
             ValueError: If ``metric`` is NaN.
         """
-        current = float(metric)
+        current = read_metric(metric, self.metric) if isinstance(metric, Mapping) \
+            else float(metric)
         if math.isnan(current):
             raise ValueError(f"metric must not be NaN, got {metric!r}")
         self.num_observations += 1

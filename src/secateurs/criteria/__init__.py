@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 from .base import Criterion, available_criteria, get_criterion, register_criterion
+from .data import Contribution, DataCriterion, Taylor
 from .weight import Clipping, Magnitude, Random
 
 __all__ = [
     "Clipping",
+    "Contribution",
     "Criterion",
+    "DataCriterion",
     "Magnitude",
     "Random",
+    "Taylor",
     "available_criteria",
     "get_criterion",
     "register_criterion",

@@ -1,0 +1,41 @@
+"""Calibration: passes over sample inputs that collect streaming statistics of each target
+layer's input features (per-feature sums of ``|x|`` and ``x^2``, counts, ``X^T X``), and
+gradient sums for first-order criteria."""
+
+from __future__ import annotations
+
+from .collect import (
+    Batch,
+    LossFn,
+    calibrate,
+    call_order,
+    check_batches,
+    eval_mode,
+    gradient_sums,
+    input_tensor,
+    model_device,
+    run_batch,
+    to_device,
+)
+from .features import FeatureMap, feature_map, register_feature_map
+from .stats import DEFAULT_POWERS, InputStats, check_power
+
+__all__ = [
+    "DEFAULT_POWERS",
+    "Batch",
+    "FeatureMap",
+    "InputStats",
+    "LossFn",
+    "calibrate",
+    "call_order",
+    "check_batches",
+    "check_power",
+    "eval_mode",
+    "feature_map",
+    "gradient_sums",
+    "input_tensor",
+    "model_device",
+    "register_feature_map",
+    "run_batch",
+    "to_device",
+]

@@ -1,0 +1,189 @@
+"""A pruned model as a plain safetensors file, and back: masks folded in, masks found again.
+
+The handoff format between "find the mask" and "run it" is a dense tensor with zeros
+(torchao's sparsity README): :func:`save_pruned` writes the model's ``state_dict`` with
+every masked entry set to ``0.0``, a file any safetensors reader loads. :func:`load_pruned`
+reads such a file, from secateurs or from anyone else, and rebuilds the masks from the
+zeros (``mask = weight != 0``); :func:`adopt_masks_` hands them to a
+:class:`~secateurs.Pruner`, which then continues from that sparsity: its next updates nest
+inside the adopted masks, so nothing pruned comes back.
+
+A weight that is exactly zero without having been pruned is taken as pruned; in trained
+float weights that practically never happens, and it is what any reader of the file sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, check_state_dict, write_atomic
+from ..checkpoint import read_header as _read_header
+from ..criteria import Criterion
+from ..pruner import Pruner, SparsitySpec
+from ..targets import TargetSpec, resolve_targets
+
+__all__ = ["adopt_masks_", "load_pruned", "masks_from_zeros", "pruner_from_zeros",
+           "save_pruned"]
+
+_META_KEY = "secateurs.export"
+
+
+def _check_masks(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size],
+                 what: str) -> None:
+    unknown = [n for n in masks if n not in shapes]
+    if unknown:
+        raise ValueError(f"masks name {unknown[:8]}, which are not {what}; valid names "
+                         f"include {list(shapes)[:8]}")
+    for name, mask in masks.items():
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
+                or mask.shape != shapes[name]:
+            got = (f"{mask.dtype} of shape {tuple(mask.shape)}"
+                   if isinstance(mask, torch.Tensor) else type(mask).__name__)
+            raise ValueError(f"mask for {name!r} must be torch.bool of shape "
+                             f"{tuple(shapes[name])}, got {got}")
+
+
+def save_pruned(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    *,
+    targets: TargetSpec = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``model.state_dict()`` as safetensors, with ``masks`` folded in (masked = 0.0).
+
+    The model is not changed; the file is written atomically. Tied weights are stored once
+    (the header lists the other names).
+
+    Args:
+        path: Destination file.
+        model: The pruned model.
+        masks: Parameter name -> bool mask (``True`` = kept), e.g. ``pruner.masks``.
+            ``None``: the weights are written as they are (a Pruner already zeroed them).
+        targets: The pruned parameters, recorded in the header so :func:`load_pruned`
+            knows where zeros are masks (default: the names in ``masks``, else every
+            ``nn.Linear`` and ``nn.ConvNd`` weight).
+        metadata: Extra text entries for the header.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: for masks that do not fit the model (nothing is written).
+    """
+    state = model.state_dict()
+    masks = dict(masks or {})
+    _check_masks(masks, {k: v.shape for k, v in state.items()}, "in the model's state_dict")
+    names = list(masks) or [t.name for t in resolve_targets(model, targets)]
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for key, value in state.items():
+        view = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape,
+                value.stride(), value.dtype)
+        if value.numel() and view in seen:
+            aliases[key] = seen[view]
+            continue
+        seen[view] = key
+        if key in masks:
+            value = torch.where(masks[key].to(value.device), value, value.new_zeros(()))
+        tensors[key] = value.detach().cpu().contiguous()
+    sparsity = {n: 1.0 - int(torch.count_nonzero(state[n])) / max(1, state[n].numel())
+                if n not in masks else 1.0 - int(masks[n].sum()) / max(1, masks[n].numel())
+                for n in names}
+    header = {"targets": names, "aliases": aliases, "sparsity": sparsity,
+              "safetensors": safetensors.__version__, "torch": torch.__version__}
+    meta = {**dict(metadata or {}), "format": "pt", _META_KEY: json.dumps(header)}
+    return write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, meta))
+
+
+def masks_from_zeros(model: nn.Module, targets: TargetSpec = None) -> dict[str, torch.Tensor]:
+    """Target name -> ``weight != 0`` (the masks a pruned weight implies)."""
+    return {t.name: t.param.detach() != 0 for t in resolve_targets(model, targets)}
+
+
+def load_pruned(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    targets: TargetSpec = None,
+) -> dict[str, torch.Tensor]:
+    """Load a pruned safetensors file into ``model`` and rebuild its masks from the zeros.
+
+    Works for files written by :func:`save_pruned` and for any safetensors ``state_dict``
+    of the same architecture (e.g. a sparse checkpoint published by someone else).
+
+    Args:
+        path: The file.
+        model: Receives the weights; names, shapes and dtypes must match exactly.
+        targets: Where zeros are masks (default: the targets recorded in the file, else
+            every ``nn.Linear`` and ``nn.ConvNd`` weight).
+
+    Returns:
+        Target name -> bool mask, ``True`` where the loaded weight is non-zero.
+
+    Raises:
+        CheckpointError: (a ``ValueError``) for a truncated or unreadable file, or one that
+            does not fit the model; the model is not changed.
+    """
+    header = _read_header(Path(path))
+    try:
+        state = safetensors.torch.load_file(path)
+    except Exception as err:  # the Rust reader raises its own error type
+        raise CheckpointError(f"{str(path)!r} cannot be read as safetensors: {err}") from None
+    info = json.loads((header.get("__metadata__") or {}).get(_META_KEY, "{}"))
+    for alias, kept in info.get("aliases", {}).items():
+        state[alias] = state[kept]
+    check_state_dict(model, state, f"file {str(path)!r}")
+    if targets is None and info.get("targets"):
+        targets = list(info["targets"])
+    names = [t.name for t in resolve_targets(model, targets)]
+    model.load_state_dict(state, strict=True)
+    return masks_from_zeros(model, names)
+
+
+@torch.no_grad()
+def adopt_masks_(pruner: Pruner, masks: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Make ``pruner`` continue from masks found elsewhere.
+
+    Its masks become ``masks`` (default: ``weight != 0`` of each of its targets); masked
+    weights and their optimizer state are zeroed. Its later updates nest inside these
+    masks (scope and schedule as built), so a schedule may start at the adopted sparsity.
+
+    Raises:
+        ValueError: for masks that do not fit the pruner's targets (nothing is changed).
+    """
+    if masks is None:
+        masks = {t.name: t.param.detach() != 0 for t in pruner.targets}
+    _check_masks(masks, {n: m.shape for n, m in pruner.masks.items()}, "targets of the pruner")
+    for name, mask in masks.items():
+        pruner.masks.set_(name, mask.clone())
+    pruner.masks.apply_()
+    # The same rule as Pruner.step: regrowing criteria keep their optimizer state.
+    if pruner.optimizer is not None and not pruner.criterion.regrows:
+        pruner.masks.apply_to_optimizer_(pruner.optimizer)
+
+
+def pruner_from_zeros(model: nn.Module, sparsity: SparsitySpec = None,
+                      criterion: str | Criterion = "magnitude", **options: Any) -> Pruner:
+    """A :class:`~secateurs.Pruner` whose masks start from the zeros already in ``model``.
+
+    Arguments are those of :class:`~secateurs.Pruner`. Typical use, continuing from a
+    sparse checkpoint produced elsewhere::
+
+        load_pruned("sparse.safetensors", model)
+        pruner = pruner_from_zeros(model, sparsity=Linear(0.5, 0.8, end_step=1000))
+    """
+    pruner = Pruner(model, sparsity, criterion, **options)
+    adopt_masks_(pruner)
+    return pruner
