@@ -28,6 +28,7 @@ from .export import load_pruned, save_pruned, sparsify_
 from .masks import MaskSet
 from .oneshot import PruneReport, prune_
 from .pruner import Pruner, Summary, TargetSummary
+from .reconstruction import Reconstruction
 from .sensitivity import Sensitivity, measure_sensitivity
 from .structured import compact_, count, prune_channels_
 from .targets import Target, resolve_targets
@@ -42,6 +43,7 @@ __all__ = [
     "Plateau",
     "PruneReport",
     "Pruner",
+    "Reconstruction",
     "Sensitivity",
     "Summary",
     "Target",

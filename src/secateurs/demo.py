@@ -11,6 +11,11 @@ schedule), so the runs differ only in what their step callbacks do:
   rising threshold are zeroed at every mask update and may come back above
   ``threshold * (1 + margin)``; plus classic max-norm clipping of each output row.
 
+Then, on copies of the trained dense model, one-shot runs without fine-tuning: magnitude
+against contribution pruning (with and without reconstruction) at the same sparsity, and
+structured pruning of half the channels, physically compacted, with its MACs and measured
+latency.
+
 A run is a :class:`RunSpec`: a name and a function building its callbacks from a
 :class:`RunContext`, so a further run is one more entry in :data:`RUNS`.
 """
@@ -18,7 +23,9 @@ A run is a :class:`RunSpec`: a name and a function building its callbacks from a
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +243,10 @@ COLUMNS: tuple[Column, ...] = (
                                             f"{int(r.metrics['parameters']):,}"),
     Column("regrown", lambda r: f"{int(r.metrics['regrown']):,}" if "regrown" in r.metrics
            else "-"),
-    Column("training time (s)", lambda r: f"{r.metrics['seconds']:.1f}"),
+    Column("MACs", lambda r: f"{int(r.metrics['macs']):,}" if "macs" in r.metrics else "-"),
+    Column("latency x dense (batch 64)",
+           lambda r: f"{r.metrics['speedup']:.2f}x" if "speedup" in r.metrics else "-"),
+    Column("time (s)", lambda r: f"{r.metrics['seconds']:.1f}"),
 )
 
 
@@ -275,7 +285,8 @@ def _final_metrics(model: nn.Module) -> dict[str, float]:
             "parameters": float(sum(p.numel() for p in params))}
 
 
-def _execute(spec: RunSpec, task: ClassificationTask, config: DemoConfig) -> RunRecord:
+def _execute(spec: RunSpec, task: ClassificationTask,
+             config: DemoConfig) -> tuple[RunRecord, nn.Module]:
     model = task.model(config.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=True)
@@ -292,8 +303,9 @@ def _execute(spec: RunSpec, task: ClassificationTask, config: DemoConfig) -> Run
                     "mask_updates": float(setup.watch.updates)}
     layers = {} if setup.pruner is None else \
         {row.name: row.sparsity for row in setup.pruner.summary()}
-    return RunRecord(spec.name, spec.description, metrics, setup.settings, history.steps,
-                     history.epochs, layers)
+    record = RunRecord(spec.name, spec.description, metrics, setup.settings, history.steps,
+                       history.epochs, layers)
+    return record, model
 
 
 def _command(config: DemoConfig, quick: bool) -> str:
@@ -329,7 +341,11 @@ def run_demo(
     # The CNN is far too small to gain from intra-op threads, and on shared cores their
     # synchronisation makes each step many times slower.
     with _threads(1):
-        records = [_execute(spec, task, config) for spec in runs]
+        trained = [_execute(spec, task, config) for spec in runs]
+        records = [record for record, _ in trained]
+        dense = next(((r, m) for r, m in trained if r.name == "dense"), None)
+        if dense is not None:
+            records += _after_training(*dense, task, config)
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
     settings |= {"task": "digits", "optimizer": "SGD, Nesterov momentum",
                  "train/val/test examples": [len(task.data.train), len(task.data.val),
@@ -339,11 +355,70 @@ def run_demo(
     return DemoResult(records, folder, settings)
 
 
+#: Sparsity of the one-shot runs on the trained dense model.
+ONESHOT_SPARSITY = 0.85
+#: Channel sparsity of the structured run.
+CHANNEL_SPARSITY = 0.5
+
+
+def _after_training(dense_record: RunRecord, dense: nn.Module, task: ClassificationTask,
+                    config: DemoConfig) -> list[RunRecord]:
+    """One-shot runs on copies of the trained dense model: unstructured (magnitude against
+    contribution, with and without reconstruction) and structured (channels removed)."""
+    from .oneshot import prune_
+    from .structured import compact_, count, latency
+
+    train_x = task.data.train.x
+    calibration = list(train_x[:256].split(64))
+    oneshot = (("one-shot magnitude", "magnitude", False),
+               ("one-shot contribution", "contribution", False),
+               ("one-shot contribution + reconstruction", "contribution", True))
+    records = []
+    for name, criterion, reconstruct in oneshot:
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        prune_(model, ONESHOT_SPARSITY, criterion, calibration=calibration, scope="layer",
+               reconstruct=reconstruct, progress=False)
+        records.append(_oneshot_record(name, model, task, time.perf_counter() - start,
+                                       {"criterion": criterion, "reconstruct": reconstruct,
+                                        "sparsity": ONESHOT_SPARSITY,
+                                        "calibration examples": 256}))
+    model = copy.deepcopy(dense)
+    example = train_x[:1]
+    start = time.perf_counter()
+    pruner = Pruner(model, CHANNEL_SPARSITY, "l1", granularity="channel", example_inputs=example)
+    pruner.step()
+    compact_(model, example, masks=pruner.masks)
+    seconds = time.perf_counter() - start
+    timing = latency([dense, model], train_x[:64], rounds=5)
+    record = _oneshot_record("structured 50% channels (compacted)", model, task, seconds,
+                             {"criterion": "l1", "granularity": "channel",
+                              "channel sparsity": CHANNEL_SPARSITY})
+    record.metrics |= {"macs": float(count(model, example).macs),
+                       "speedup": timing[1].speedup}
+    records.append(record)
+    dense_record.metrics |= {"macs": float(count(dense, example).macs), "speedup": 1.0}
+    return records
+
+
+def _oneshot_record(name: str, model: nn.Module, task: ClassificationTask, seconds: float,
+                    settings: dict[str, Any]) -> RunRecord:
+    metrics = {"test_accuracy": task.evaluate(model, "test")["accuracy"],
+               "val_accuracy": task.evaluate(model, "val")["accuracy"],
+               **_final_metrics(model), "seconds": seconds}
+    description = "One shot on the trained dense model, no fine-tuning: " + \
+        ", ".join(f"{k} {v}" for k, v in settings.items()) + "."
+    return RunRecord(name, description, metrics, settings)
+
+
 _NOTE = (
     "Every run starts from the same initial weights and sees the same batches; only the "
     "step callbacks differ. Sparsity is the share of exact zeros in the weights of the "
     "convolutions and linear layers. *regrown* counts weights whose mask went from pruned "
     "back to kept at a mask update: zero by design for gradual pruning (masks are nested); "
     "for clipping, a pruned weight is zeroed again after every step, so it returns only "
-    "when a single optimizer step carries it past the regrowth threshold."
+    "when a single optimizer step carries it past the regrowth threshold. The one-shot "
+    "rows prune copies of the trained dense model without any fine-tuning; their time is "
+    "the pruning time, calibration included. Latency is the median forward time at batch "
+    "64 relative to the dense model, measured in the same run."
 )
