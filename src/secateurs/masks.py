@@ -78,9 +78,11 @@ class MaskSet(Mapping[str, torch.Tensor]):
             state = optimizer.state.get(self._targets[name].param)
             if not state:
                 continue
+            zero = self._zero[name]
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                    torch.where(mask, value, value.new_zeros(()), out=value)
+                    z = zero if value.dtype == zero.dtype else value.new_zeros(())
+                    torch.where(mask, value, z, out=value)
 
     def sparsity(self, names: Iterable[str] | None = None) -> float:
         """Fraction of masked elements over all targets, or over the targets ``names``."""
