@@ -186,13 +186,24 @@ def test_clipping_threshold_prunes_and_lets_weights_return():
     assert pruner.step()
     assert pruner.masks["0.weight"].tolist() == [[False, True, True, False],
                                                  [True, False, False, True]]
-    with torch.no_grad():  # as an optimizer would: move pruned weights off zero
-        layer.weight[0, 0] = 0.65   # above 0.5 * 1.2 = 0.6: returns
-        layer.weight[0, 3] = -0.55  # inside the band: stays pruned
-        layer.weight[0, 2] = 0.45   # a kept weight falls below 0.5: pruned
-    pruner.step()
+    assert layer.weight[0].tolist() == [0.0, pytest.approx(0.9), pytest.approx(0.55), 0.0]
+
+    def optimizer_step(update: list[float]) -> None:
+        with torch.no_grad():  # what an optimizer step adds to row 0
+            layer.weight[0] += torch.tensor(update)
+        pruner.step()
+
+    # Pruned weights keep training behind the mask: 0.1 + 0.2 + 0.2 = 0.5 is still below
+    # the regrowth threshold 0.5 * 1.2 = 0.6, so the weight stays at zero ...
+    optimizer_step([0.2, 0.0, 0.0, -0.1])
+    optimizer_step([0.2, 0.0, -0.1, -0.1])  # 0.55 - 0.1 = 0.45 < 0.5: pruned
+    assert pruner.masks["0.weight"][0].tolist() == [False, True, False, False]
+    assert layer.weight[0].tolist() == [0.0, pytest.approx(0.9), 0.0, 0.0]
+    # ... and returns with its accumulated value once that crosses it; -0.3 - 0.2 - 0.05
+    # = -0.55 is inside the band and stays pruned.
+    optimizer_step([0.2, 0.0, 0.0, -0.05])
     assert pruner.masks["0.weight"][0].tolist() == [True, True, False, False]
-    assert layer.weight[0].tolist() == [pytest.approx(0.65), pytest.approx(0.9), 0.0, 0.0]
+    assert layer.weight[0].tolist() == [pytest.approx(0.7), pytest.approx(0.9), 0.0, 0.0]
 
 
 def test_clipping_from_a_target_sparsity_is_exact_and_regrows(mlp):

@@ -39,6 +39,10 @@ class MaskSet(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._masks)
 
+    def is_dense(self, name: str) -> bool:
+        """Whether the mask of ``name`` keeps everything (enforcement skips it)."""
+        return name in self._dense
+
     def target(self, name: str) -> Target:
         """The managed parameter whose mask is ``name``."""
         return self._targets[name]
@@ -110,3 +114,57 @@ class MaskSet(Mapping[str, torch.Tensor]):
         for name, mask in state.items():
             self.set_(name, mask.clone())
 
+
+
+class PrunedValues:
+    """What each pruned weight would be had it not been zeroed: the dense ``W`` of Dynamic
+    Network Surgery (Guo et al. 2016), one float buffer per target (4 bytes per weight).
+
+    A pruned weight is zero before every optimizer step, so right after it the weight holds
+    exactly that step's update; :meth:`accumulate_` adds it to the buffer. The pruned weight
+    thus keeps training behind its mask and comes back, with its accumulated value, once that
+    value crosses the regrowth threshold. Entries of kept weights mean nothing between
+    updates: :meth:`restore_` reads the buffer only where the mask is off.
+    """
+
+    def __init__(self, masks: MaskSet, names: list[str]) -> None:
+        self._masks = masks
+        self._values = {n: masks.target(n).param.detach().clone() for n in names}
+
+    @torch.no_grad()
+    def accumulate_(self) -> None:
+        """Add this step's update of every pruned weight (call before enforcement)."""
+        for name, values in self._values.items():
+            if not self._masks.is_dense(name):
+                values.add_(self._masks.target(name).param)
+
+    @torch.no_grad()
+    def restore_(self) -> None:
+        """Write the accumulated values of pruned weights back in place, before scoring."""
+        for name, values in self._values.items():
+            if not self._masks.is_dense(name):
+                p = self._masks.target(name).param
+                torch.where(self._masks[name], p, values, out=p)
+
+    @torch.no_grad()
+    def record_(self) -> None:
+        """Remember the current (dense) values, before the new masks zero them."""
+        for name, values in self._values.items():
+            values.copy_(self._masks.target(name).param)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the buffers, keyed by target name."""
+        return {name: v.clone() for name, v in self._values.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore buffers; names, shapes and dtypes must match. Validates before changing."""
+        if set(state) != set(self._values):
+            raise ValueError(f"pruned-value names {sorted(state)} do not match the targets "
+                             f"{sorted(self._values)}")
+        for name, v in state.items():
+            old = self._values[name]
+            if v.shape != old.shape or v.dtype != old.dtype:
+                raise ValueError(f"pruned values for {name!r} must be {old.dtype} of shape "
+                                 f"{tuple(old.shape)}, got {v.dtype} {tuple(v.shape)}")
+        for name, v in state.items():
+            self._values[name].copy_(v)

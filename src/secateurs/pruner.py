@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .criteria import Criterion, get_criterion
-from .masks import MaskSet
+from .masks import MaskSet, PrunedValues
 from .schedules import Schedule, as_schedule
 from .selection import (
     Granularity,
@@ -113,6 +113,9 @@ class Pruner:
         self.masks = MaskSet(self.targets + coupled)
         self._step = 0
         self._applied: dict[str, float] | None = None
+        # A criterion that regrows by design keeps training its pruned weights behind the mask.
+        self._pruned_values = PrunedValues(self.masks, [t.name for t in self.targets]) \
+            if self.criterion.regrows else None
         self.criterion.bind(model, self.targets)
 
     def _find_groups(self, example_inputs: Any) -> list[Target]:
@@ -205,6 +208,8 @@ class Pruner:
             ``True`` when the masks were recomputed at this step (a prune event, e.g. for LR
             rewinding).
         """
+        if self._pruned_values is not None:
+            self._pruned_values.accumulate_()
         updated = self._step % self.update_every == 0 and self._due()
         if updated:
             self.update()
@@ -236,6 +241,8 @@ class Pruner:
                                  "ranked on them (nothing was changed)")
         thresholds = self.criterion.thresholds(self._step)
         sparsity = self.target_sparsity()
+        if self._pruned_values is not None:
+            self._pruned_values.restore_()
         if self._groups and sparsity is not None:
             new = self._select_channels(sparsity)
         elif thresholds is not None or sparsity is None:
@@ -246,6 +253,8 @@ class Pruner:
             scores = {t.name: self.criterion.score(t) for t in self.targets}
             previous = None if self.criterion.regrows else self.masks
             new = select(scores, sparsity, self.granularity, self.scope, previous)
+        if self._pruned_values is not None:
+            self._pruned_values.record_()
         for name, mask in new.items():
             self.masks.set_(name, mask)
         self.masks.apply_()
@@ -308,6 +317,8 @@ class Pruner:
             "masks": self.masks.state_dict(),
             "applied": None if self._applied is None else dict(self._applied),
             "criterion": self.criterion.state_dict(),
+            "pruned_values": None if self._pruned_values is None
+            else self._pruned_values.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -318,7 +329,13 @@ class Pruner:
         step = state["step"]
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"state 'step' must be an integer >= 0, got {step!r}")
+        values = state.get("pruned_values")
+        if self._pruned_values is not None and values is None:
+            raise ValueError(f"criterion {self.criterion!r} regrows and needs the state's "
+                             "'pruned_values'; the state has none")
         self.masks.load_state_dict(state["masks"])
+        if self._pruned_values is not None and values is not None:
+            self._pruned_values.load_state_dict(values)
         self.criterion.load_state_dict(state["criterion"])
         self._step = step
         applied = state["applied"]

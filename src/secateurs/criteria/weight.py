@@ -57,8 +57,10 @@ class Clipping(Criterion):
     Splicing (Guo et al. 2016, "Dynamic Network Surgery") with two thresholds: a kept weight
     is pruned when ``|w| < threshold``; a pruned weight returns when ``|w| >= threshold *
     (1 + margin)``; in between, a weight keeps its state (hysteresis, so masks do not
-    flicker). Optimizer state is left unmasked, so a pruned weight whose gradient keeps
-    pushing it accumulates momentum and can cross the upper threshold.
+    flicker). As in the paper, pruned weights keep training behind their mask: the pruner
+    accumulates each step's update of a pruned weight (one float buffer per target, 4 bytes
+    per weight, only for criteria that regrow), leaves optimizer state unmasked, and a
+    pruned weight whose accumulated value crosses the upper threshold returns with it.
 
     Args:
         threshold: A constant or a schedule of the step. ``None`` derives it from the
