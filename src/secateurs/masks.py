@@ -101,16 +101,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore masks; names must match the targets exactly. Validates before changing."""
-        if set(state) != set(self._masks):
-            missing = sorted(set(self._masks) - set(state))
-            extra = sorted(set(state) - set(self._masks))
-            raise ValueError(f"mask names do not match the targets: missing {missing}, "
-                             f"unexpected {extra}")
-        for name, mask in state.items():
-            old = self._masks[name]
-            if mask.dtype != torch.bool or mask.shape != old.shape:
-                raise ValueError(f"mask for {name!r} must be torch.bool of shape "
-                                 f"{tuple(old.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        _check_like("mask", state, self._masks)
         for name, mask in state.items():
             self.set_(name, mask.clone())
 
@@ -158,13 +149,21 @@ class PrunedValues:
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore buffers; names, shapes and dtypes must match. Validates before changing."""
-        if set(state) != set(self._values):
-            raise ValueError(f"pruned-value names {sorted(state)} do not match the targets "
-                             f"{sorted(self._values)}")
-        for name, v in state.items():
-            old = self._values[name]
-            if v.shape != old.shape or v.dtype != old.dtype:
-                raise ValueError(f"pruned values for {name!r} must be {old.dtype} of shape "
-                                 f"{tuple(old.shape)}, got {v.dtype} {tuple(v.shape)}")
+        _check_like("pruned values", state, self._values)
         for name, v in state.items():
             self._values[name].copy_(v)
+
+
+def _check_like(kind: str, state: Mapping[str, torch.Tensor],
+                current: Mapping[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless ``state`` has the names, shapes and dtypes of ``current``."""
+    if set(state) != set(current):
+        missing = sorted(set(current) - set(state))
+        extra = sorted(set(state) - set(current))
+        raise ValueError(f"{kind} names do not match the targets: missing {missing}, "
+                         f"unexpected {extra}")
+    for name, value in state.items():
+        old = current[name]
+        if value.dtype != old.dtype or value.shape != old.shape:
+            raise ValueError(f"{kind} for {name!r} must be {old.dtype} of shape "
+                             f"{tuple(old.shape)}, got {value.dtype} {tuple(value.shape)}")
