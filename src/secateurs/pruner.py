@@ -213,9 +213,7 @@ class Pruner:
         updated = self._step % self.update_every == 0 and self._due()
         if updated:
             self.update()
-        self.masks.apply_()
-        if self.optimizer is not None and not self.criterion.regrows:
-            self.masks.apply_to_optimizer_(self.optimizer)
+        self._enforce()
         self._step += 1
         return updated
 
@@ -286,6 +284,54 @@ class Pruner:
         """The channel groups whose units this pruner removes (empty unless granularity is
         ``channel`` with ``example_inputs``)."""
         return [g for g, _ in self._groups.values()]
+
+    @property
+    def applied_sparsity(self) -> dict[str, float] | None:
+        """Target name -> the target sparsity the masks were last computed for (``None``
+        before the first update, or when selecting by threshold)."""
+        return None if self._applied is None else dict(self._applied)
+
+    def caught_up(self) -> bool:
+        """Whether the masks were last computed for the current target sparsity (they are
+        recomputed only every ``update_every`` steps)."""
+        return self._applied == self.target_sparsity()
+
+    @torch.no_grad()
+    def adopt_masks_(self, masks: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Continue from masks found elsewhere (default: ``weight != 0`` of each target).
+
+        Masked weights and, unless the criterion regrows, their optimizer state are zeroed
+        at once, by the same rule as :meth:`step`. Later updates nest inside these masks, so
+        a schedule may start at the adopted sparsity.
+
+        Raises:
+            ValueError: for masks that do not name the targets or do not fit their shapes
+                (nothing is changed).
+        """
+        if masks is None:
+            masks = {t.name: t.param.detach() != 0 for t in self.targets}
+        names = [t.name for t in self.targets]
+        unknown = sorted(set(masks) - set(self.masks))
+        if unknown:
+            raise ValueError(f"masks name {unknown}, which are not targets of the pruner; "
+                             f"targets: {names}")
+        for name, mask in masks.items():
+            shape = tuple(self.masks[name].shape)
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
+                    or tuple(mask.shape) != shape:
+                got = (f"{mask.dtype} of shape {tuple(mask.shape)}"
+                       if isinstance(mask, torch.Tensor) else type(mask).__name__)
+                raise ValueError(f"mask for {name!r} must be torch.bool of shape {shape}, "
+                                 f"got {got}")
+        for name, mask in masks.items():
+            self.masks.set_(name, mask.clone())
+        self._enforce()
+
+    def _enforce(self) -> None:
+        """Zero masked weights and, unless the criterion regrows, their optimizer state."""
+        self.masks.apply_()
+        if self.optimizer is not None and not self.criterion.regrows:
+            self.masks.apply_to_optimizer_(self.optimizer)
 
     @property
     def step_count(self) -> int:
