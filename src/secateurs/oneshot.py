@@ -17,10 +17,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .calibration import Batch, InputStats, calibrate, call_order, check_batches
-from .criteria import Criterion, DataCriterion, get_criterion
+from . import validation as check
+from .calibration import Batch, InputStats, Request, call_order, check_batches, observe
+from .criteria import Criterion, get_criterion
 from .reconstruction import Reconstruction, relative_error
-from .selection import Granularity, check_scope, check_shape, parse_granularity, select
+from .selection import (
+    Granularity,
+    check_scope,
+    check_shape,
+    parse_granularity,
+    resolve_sparsity,
+    select,
+)
+from .tables import text_table
 from .targets import Target, TargetSpec, resolve_targets
 
 StageFn = Callable[[str], str]
@@ -87,15 +96,10 @@ class PruneReport:
         return 1.0 - kept / total if total else 0.0
 
     def __str__(self) -> str:
-        cells = [(r.name, "x".join(map(str, r.shape)), f"{r.sparsity:.1%}",
-                  "-" if r.relative_error is None else f"{r.relative_error:.4f}")
+        cells = [[r.name, "x".join(map(str, r.shape)), f"{r.sparsity:.1%}",
+                  "-" if r.relative_error is None else f"{r.relative_error:.4f}"]
                  for r in self.targets]
-        head = ("target", "shape", "sparsity", "rel. error")
-        widths = [max(len(c[i]) for c in [head, *cells]) for i in range(4)]
-        lines = ["  ".join(x.ljust(w) if i < 2 else x.rjust(w)
-                           for i, (x, w) in enumerate(zip(c, widths, strict=True)))
-                 for c in [head, *cells]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = [text_table(["target", "shape", "sparsity", "rel. error"], cells, left=2)]
         lines.append(f"total sparsity {self.sparsity():.1%}; {self.seconds:.2f} s "
                      f"(calibration {self.calibration_seconds:.2f} s in {self.passes} passes, "
                      f"reconstruction {self.reconstruction_seconds:.2f} s)")
@@ -114,13 +118,12 @@ class _Plan:
     granularity: Granularity
     scope: str
     reconstruct: Reconstruction | None
-    hessian: bool
+    request: Request
     progress: bool
 
     @property
-    def needs_stats(self) -> bool:
-        data = isinstance(self.criterion, DataCriterion) and bool(self.criterion.powers)
-        return self.hessian or data
+    def hessian(self) -> bool:
+        return self.request.hessian
 
 
 def prune_(
@@ -175,11 +178,10 @@ def prune_(
             the stages already written are restored).
     """
     start = time.perf_counter()
-    if stages is not None and not callable(stages):
-        raise TypeError(f"stages must be a callable (module name) -> stage key, got {stages!r}")
+    check.optional(check.callable_, "stages", stages, what="a callable (module name) -> stage key")
     rec = Reconstruction() if reconstruct is True else reconstruct or None
-    if rec is not None and not isinstance(rec, Reconstruction):
-        raise TypeError(f"reconstruct must be a bool or a Reconstruction, got {reconstruct!r}")
+    check.optional(check.instance, "reconstruct", rec, types=Reconstruction,
+                   what="a bool or a Reconstruction")
     plan = _plan(model, sparsity, criterion, calibration, granularity, scope, targets, rec,
                  rec is not None or measure_error, progress)
     if sequential and scope == "global":
@@ -187,7 +189,7 @@ def prune_(
                          "chooses masks stage by stage; use scope 'row' or 'layer', or "
                          "sequential=False")
     groups = _stages(plan, stages or block_of) if sequential else {"": plan.targets}
-    passes = len(groups) * (2 if _own_pass(plan) and plan.needs_stats else 1)
+    passes = len(groups) * max(plan.request.passes, 1)
     plan.batches = _replayable(plan.batches, passes)
     report = PruneReport()
     saved: dict[str, torch.Tensor] = {}
@@ -209,11 +211,6 @@ def prune_(
     return report
 
 
-def _own_pass(plan: _Plan) -> bool:
-    """Whether the criterion runs its own pass (gradients) besides the statistics pass."""
-    return isinstance(plan.criterion, DataCriterion) and not plan.criterion.powers
-
-
 def _plan(model: nn.Module, sparsity: float | Mapping[str, float] | None,
           criterion: str | Criterion, calibration: Iterable[Batch] | None,
           granularity: str | Granularity, scope: str, targets: TargetSpec,
@@ -227,44 +224,18 @@ def _plan(model: nn.Module, sparsity: float | Mapping[str, float] | None,
             raise ValueError(f"target {t.name!r} holds NaN or Inf values; masks cannot be "
                              "ranked on them (nothing was changed)")
     crit = get_criterion(criterion)
-    needs = [f"criterion {crit.name!r}"] if isinstance(crit, DataCriterion) else []
+    request = Request(hessian=hessian).merge(crit.request)
+    needs = [f"criterion {crit.name!r}"] if crit.request is not None else []
     needs += ["reconstruction"] if reconstruct is not None else []
     needs += ["error measurement"] if hessian and reconstruct is None else []
     if calibration is None and needs:
         raise ValueError(f"{' and '.join(needs)} need calibration batches; pass "
                          "calibration=[batch, ...]")
     batches = None if calibration is None else check_batches(calibration)
-    return _Plan(model, resolved, _sparsities(resolved, sparsity, gran, scope), crit, batches,
-                 gran, scope, reconstruct, hessian, progress)
-
-
-def _sparsities(targets: list[Target], sparsity: float | Mapping[str, float] | None,
-                gran: Granularity, scope: str) -> dict[str, float]:
-    names = [t.name for t in targets]
-    if sparsity is None:
-        if gran.kind != "nm":
-            raise ValueError("sparsity is required: a float in [0, 1) or a mapping of target "
-                             "names to floats (None only with an N:M granularity)")
-        sparsity = gran.max_sparsity
-    if isinstance(sparsity, Mapping):
-        if scope == "global":
-            raise ValueError("per-target sparsities need scope 'row' or 'layer'")
-        if set(sparsity) != set(names):
-            raise ValueError(f"sparsity mapping must name each target once: unknown "
-                             f"{sorted(set(sparsity) - set(names))}, missing "
-                             f"{sorted(set(names) - set(sparsity))}")
-        out = {n: sparsity[n] for n in names}
-    else:
-        out = dict.fromkeys(names, sparsity)
-    top = gran.max_sparsity
-    for name, s in out.items():
-        ok = not isinstance(s, bool) and isinstance(s, (int, float)) and s >= 0 \
-            and (s <= top if top < 1 else s < 1)
-        if not ok:
-            allowed = f"[0, {top:g}]" if top < 1 else "[0, 1)"
-            raise ValueError(f"sparsity for {name!r} must be a number in {allowed} "
-                             f"(granularity {gran}), got {s!r}")
-    return {n: float(s) for n, s in out.items()}
+    names = [t.name for t in resolved]
+    schedules = resolve_sparsity(names, sparsity, gran, scope, schedules=False)
+    return _Plan(model, resolved, {n: float(s(0)) for n, s in schedules.items()}, crit,
+                 batches, gran, scope, reconstruct, request, progress)
 
 
 def _replayable(batches: Iterable[Batch] | None, passes: int) -> Iterable[Batch] | None:
@@ -324,18 +295,13 @@ def _prune_stage(plan: _Plan, stage: str, group: list[Target], later: list[Targe
 def _statistics(plan: _Plan, group: list[Target], later: list[Target],
                 report: PruneReport) -> dict[str, InputStats] | None:
     """The calibration pass of one stage, and the criterion's own pass if it has one."""
-    stats = None
-    crit = plan.criterion
     batches = plan.batches if plan.batches is not None else []
-    if plan.needs_stats:
-        powers = crit.powers if isinstance(crit, DataCriterion) else ()
-        stats = calibrate(plan.model, batches, group, hessian=plan.hessian, powers=powers,
-                          progress=plan.progress, stop_before=later)
-        report.passes += 1
-    if isinstance(crit, DataCriterion):
-        crit.calibrate(plan.model, group, batches, stats=stats, progress=plan.progress)
-        report.passes += 0 if crit.powers else 1
-    return stats
+    observed = observe(plan.model, batches, group, plan.request, progress=plan.progress,
+                       stop_before=later)
+    report.passes += observed.passes
+    if plan.criterion.request is not None:
+        plan.criterion.fit(group, observed)
+    return observed.inputs
 
 
 @torch.no_grad()

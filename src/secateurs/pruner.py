@@ -13,22 +13,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from .criteria import Criterion, get_criterion
+from . import validation as check
+from .criteria import Criterion, GroupCriterion, get_criterion
+from .graph import ChannelGroup, ChannelPlan, Structure, plan_channels
 from .masks import MaskSet, PrunedValues
-from .schedules import Schedule, as_schedule
+from .schedules import Schedule
 from .selection import (
     Granularity,
+    SparsitySpec,
     check_scope,
     check_shape,
     parse_granularity,
+    resolve_sparsity,
     select,
-    select_by_threshold,
     select_units,
 )
-from .structured.groups import ChannelGroup, Structure, discover
-from .targets import Target, TargetSpec, resolve_targets
+from .tables import text_table
+from .targets import TargetSpec, resolve_targets
 
-SparsitySpec = float | Schedule | Mapping[str, float | Schedule] | None
+__all__ = ["Pruner", "SparsitySpec", "Summary", "TargetSummary"]
 
 
 class Pruner:
@@ -52,7 +55,7 @@ class Pruner:
             targets) or ``row`` (within each output row).
         granularity: ``element``, ``N:M`` (e.g. ``"2:4"``) or ``channel``. With ``channel``
             and ``example_inputs``, a unit is a whole channel group (see
-            :mod:`secateurs.structured.groups`): a filter or neuron together with its bias,
+            :mod:`secateurs.graph`): a filter or neuron together with its bias,
             its BatchNorm scale and shift and the input columns of the layers that read
             it, or a whole attention head; its masks cover every coupled parameter, so the
             masked model computes what :func:`secateurs.compact_` will make of it. A group
@@ -94,23 +97,17 @@ class Pruner:
         self.granularity = parse_granularity(granularity)
         check_scope(scope, self.granularity)
         self.scope = scope
-        if isinstance(update_every, bool) or not isinstance(update_every, int) \
-                or update_every < 1:
-            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
-        self.update_every = update_every
+        self.update_every = check.integer("update_every", update_every, low=1)
         for t in self.targets:
             check_shape(t.name, t.param.shape, self.granularity)
         self._schedules = self._resolve_sparsity(sparsity)
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got "
-                            f"{type(optimizer).__name__} {optimizer!r}")
-        self.optimizer = optimizer
-        self.structure: Structure | None = None
-        self._groups: dict[str, tuple[ChannelGroup, list[str]]] = {}
-        coupled: list[Target] = []
+        self.optimizer = check.optional(check.instance, "optimizer", optimizer,
+                                        types=torch.optim.Optimizer,
+                                        what="a torch.optim.Optimizer or None")
+        self.plan: ChannelPlan | None = None
         if example_inputs is not None:
-            coupled = self._find_groups(example_inputs)
-        self.masks = MaskSet(self.targets + coupled)
+            self.plan = self._plan_channels(example_inputs)
+        self.masks = MaskSet(self.targets + ([] if self.plan is None else self.plan.coupled))
         self._step = 0
         self._applied: dict[str, float] | None = None
         # A criterion that regrows by design keeps training its pruned weights behind the mask.
@@ -118,34 +115,14 @@ class Pruner:
             if self.criterion.regrows else None
         self.criterion.bind(model, self.targets)
 
-    def _find_groups(self, example_inputs: Any) -> list[Target]:
-        """Discover channel groups; return the coupled parameters that are not targets."""
+    def _plan_channels(self, example_inputs: Any) -> ChannelPlan:
+        """The channel groups the targets produce (see :func:`secateurs.graph.plan_channels`)."""
         if self.granularity.kind != "channel":
             raise ValueError(f"example_inputs finds channel groups and needs granularity "
                              f"'channel', got {self.granularity}")
         if self._schedules is None:
             raise ValueError("channel groups are selected by sparsity, not by threshold")
-        self.structure = discover(self.model, example_inputs)
-        names = [t.name for t in self.targets]
-        for g in self.structure.groups:
-            produced = [n for n in names if g.produces(n)]
-            if produced and g.error is not None:
-                raise ValueError(f"cannot prune the output channels of {produced}: {g.error}")
-            if produced and g.fixed is None:
-                self._groups[g.name] = (g, produced)
-        if not self._groups:
-            reasons = "; ".join(f"{g.name}: {g.fixed}" for g in self.structure.groups
-                                if g.fixed and any(g.produces(n) for n in names))
-            raise ValueError(f"no target has output channels that can be removed ({reasons})")
-        known = set(names)
-        coupled: dict[str, Target] = {}
-        for g, _ in self._groups.values():
-            for s in g.slices:
-                if s.param not in known and s.param not in coupled:
-                    module = self.model.get_submodule(s.module)
-                    param_name = s.param[len(s.module) + 1:] if s.module else s.param
-                    coupled[s.param] = Target(s.param, s.module, module, param_name)
-        return list(coupled.values())
+        return plan_channels(self.model, self.targets, example_inputs)
 
     def close(self) -> None:
         """Detach the criterion's statistics hooks, if any (masks stay as they are)."""
@@ -158,7 +135,7 @@ class Pruner:
         self.close()
 
     def _resolve_sparsity(self, sparsity: SparsitySpec) -> dict[str, Schedule] | None:
-        if self.criterion.thresholds(0) is not None:
+        if self.criterion.policy is not None:
             if sparsity is not None:
                 raise ValueError(f"criterion {self.criterion!r} selects by threshold; pass "
                                  f"sparsity=None (got {sparsity!r}) or threshold=None")
@@ -166,38 +143,8 @@ class Pruner:
                 raise ValueError("selection by threshold needs granularity 'element', got "
                                  f"{self.granularity}")
             return None
-        if sparsity is None:
-            if self.granularity.kind != "nm":
-                raise ValueError("sparsity is required (a float in [0, 1), a schedule, or a "
-                                 "mapping of target names to either)")
-            sparsity = self.granularity.max_sparsity
-        names = [t.name for t in self.targets]
-        if isinstance(sparsity, Mapping):
-            if self.scope == "global":
-                raise ValueError("per-target sparsities need scope 'layer' or 'row'; scope "
-                                 "'global' ranks all targets with one sparsity")
-            unknown = sorted(set(sparsity) - set(names))
-            missing = sorted(set(names) - set(sparsity))
-            if unknown or missing:
-                raise ValueError(f"sparsity mapping must name each target once: unknown "
-                                 f"{unknown}, missing {missing}")
-            out = {n: as_schedule(sparsity[n]) for n in names}
-        else:
-            schedule = as_schedule(sparsity)
-            out = dict.fromkeys(names, schedule)
-        for name, schedule in out.items():
-            self._check_range(name, schedule)
-        return out
-
-    def _check_range(self, name: str, schedule: Schedule) -> None:
-        low, high = schedule.bounds()
-        top = self.granularity.max_sparsity
-        valid = low >= 0.0 and (high <= top if top < 1 else high < 1.0)
-        if not valid:
-            allowed = f"[0, {top:g}]" if top < 1 else "[0, 1)"
-            raise ValueError(f"sparsity for {name!r} must stay in {allowed} at every step "
-                             f"(granularity {self.granularity}); {schedule!r} spans "
-                             f"[{low:g}, {high:g}]")
+        return resolve_sparsity([t.name for t in self.targets], sparsity, self.granularity,
+                                self.scope)
 
     # -- the per-step path -------------------------------------------------------------
 
@@ -237,16 +184,16 @@ class Pruner:
             if not bool(torch.isfinite(self.masks.target(name).param).all()):
                 raise ValueError(f"target {name!r} holds NaN or Inf values; masks cannot be "
                                  "ranked on them (nothing was changed)")
-        thresholds = self.criterion.thresholds(self._step)
+        policy = self.criterion.policy
         sparsity = self.target_sparsity()
         if self._pruned_values is not None:
             self._pruned_values.restore_()
-        if self._groups and sparsity is not None:
-            new = self._select_channels(sparsity)
-        elif thresholds is not None or sparsity is None:
+        if self.plan is not None and sparsity is not None:
+            new = self._select_channels(self.plan, sparsity)
+        elif policy is not None or sparsity is None:
+            assert policy is not None, "without a sparsity the criterion selects by threshold"
             scores = {t.name: self.criterion.score(t) for t in self.targets}
-            low, high = thresholds if thresholds is not None else (0.0, 0.0)
-            new = select_by_threshold(scores, self.masks, low, high)
+            new = policy.select(scores, self.masks, self._step)
         else:
             scores = {t.name: self.criterion.score(t) for t in self.targets}
             previous = None if self.criterion.regrows else self.masks
@@ -258,24 +205,21 @@ class Pruner:
         self.masks.apply_()
         self._applied = sparsity
 
-    def _select_channels(self, sparsity: Mapping[str, float]) -> dict[str, torch.Tensor]:
-        """Masks of every coupled parameter from unit scores of each channel group."""
-        score_group = getattr(self.criterion, "score_group", None)
-        if callable(score_group):
-            scores = {name: score_group(g, self.model) for name, (g, _) in self._groups.items()}
+    def _select_channels(self, plan: ChannelPlan, sparsity: Mapping[str, float]
+                         ) -> dict[str, torch.Tensor]:
+        """Masks of every coupled parameter: unit scores of each channel group, selected,
+        turned into masks by the plan."""
+        crit = self.criterion
+        if isinstance(crit, GroupCriterion):
+            scores = {name: crit.score_group(g, self.model) for name, g in plan.groups.items()}
         else:
-            wanted = {p for g, _ in self._groups.values() for p in g.params}
-            element = {t.name: self.criterion.score(t) for t in self.targets if t.name in wanted}
-            scores = {name: g.reduce(element) for name, (g, _) in self._groups.items()}
-        target = {name: max(sparsity[t] for t in produced)
-                  for name, (_, produced) in self._groups.items()}
-        previous = None if self.criterion.regrows else \
-            {name: ~g.off(self.masks) for name, (g, _) in self._groups.items()}
-        keeps = select_units(scores, target, self.scope, previous)
-        assert self.structure is not None
-        masks = self.structure.masks(keeps)
-        return {name: masks[name] if name in masks else torch.ones_like(self.masks[name])
-                for name in self.masks}
+            wanted = plan.params
+            scores = plan.reduce({t.name: crit.score(t) for t in self.targets
+                                  if t.name in wanted})
+        previous = None if crit.regrows else \
+            {name: ~off for name, off in plan.off(self.masks).items()}
+        keeps = select_units(scores, plan.unit_sparsity(sparsity), self.scope, previous)
+        return plan.masks(keeps, self.masks)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -283,7 +227,13 @@ class Pruner:
     def channel_groups(self) -> list[ChannelGroup]:
         """The channel groups whose units this pruner removes (empty unless granularity is
         ``channel`` with ``example_inputs``)."""
-        return [g for g, _ in self._groups.values()]
+        return [] if self.plan is None else list(self.plan.groups.values())
+
+    @property
+    def structure(self) -> Structure | None:
+        """Every channel group of the model (``None`` unless granularity is ``channel``
+        with ``example_inputs``)."""
+        return None if self.plan is None else self.plan.structure
 
     @property
     def applied_sparsity(self) -> dict[str, float] | None:
@@ -407,14 +357,7 @@ class Summary(list[TargetSummary]):
         nonzero = sum(r.nonzero for r in self)
         masked = sum(r.sparsity * r.params for r in self)
         total = TargetSummary("total", (), params, nonzero, masked / params if params else 0.0)
-        cells = [(r.name, "x".join(map(str, r.shape)), f"{r.params:,}", f"{r.nonzero:,}",
-                  f"{r.sparsity:.1%}") for r in [*self, total]]
-        head = ("target", "shape", "params", "non-zero", "sparsity")
-        widths = [max(len(c[i]) for c in [head, *cells]) for i in range(5)]
-
-        def line(c: tuple[str, ...]) -> str:
-            return "  ".join(x.ljust(w) if i < 2 else x.rjust(w)
-                             for i, (x, w) in enumerate(zip(c, widths, strict=True)))
-
-        rule = "  ".join("-" * w for w in widths)
-        return "\n".join([line(head), rule, *map(line, cells[:-1]), rule, line(cells[-1])])
+        cells = [[r.name, "x".join(map(str, r.shape)), f"{r.params:,}", f"{r.nonzero:,}",
+                  f"{r.sparsity:.1%}"] for r in [*self, total]]
+        return text_table(["target", "shape", "params", "non-zero", "sparsity"], cells[:-1],
+                          left=2, footer=cells[-1:])

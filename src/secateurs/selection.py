@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from . import validation as check
+from .schedules import Schedule, as_schedule
 
 SCOPES = ("row", "layer", "global")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -85,6 +88,71 @@ def check_shape(name: str, shape: torch.Size, granularity: Granularity) -> None:
             f"divisible by M={granularity.m} of granularity {granularity}; exclude it from "
             f"targets or choose an M that divides {shape[1]}"
         )
+
+
+SparsitySpec = float | Schedule | Mapping[str, float | Schedule] | None
+
+
+def resolve_sparsity(names: Sequence[str], sparsity: SparsitySpec, granularity: Granularity,
+                     scope: str, *, schedules: bool = True) -> dict[str, Schedule]:
+    """Target name -> sparsity schedule, checked against the granularity and scope.
+
+    The one reading of a user's ``sparsity`` for :class:`~secateurs.Pruner` and
+    :func:`~secateurs.prune_`.
+
+    Args:
+        names: The target names.
+        sparsity: A number in ``[0, 1)`` (at most ``1 - N/M`` for N:M), a schedule, a
+            mapping naming every target once, or ``None`` (only for N:M: its ``1 - N/M``).
+        granularity: The granularity (bounds the sparsity for N:M).
+        scope: The scope (``global`` ranks all targets with one sparsity).
+        schedules: Whether schedules are accepted (one-shot pruning takes numbers only).
+
+    Raises:
+        ArgumentTypeError: for a value that is not a number (or schedule, if accepted).
+        ValueError: for a value out of range at any step, a mapping that does not name
+            every target once or with scope ``global``, or a missing sparsity.
+    """
+    what = "a float in [0, 1), a schedule, or a mapping of target names to either" \
+        if schedules else "a float in [0, 1) or a mapping of target names to floats"
+    if sparsity is None:
+        if granularity.kind != "nm":
+            raise ValueError(f"sparsity is required ({what}; None only with an N:M "
+                             "granularity)")
+        sparsity = granularity.max_sparsity
+    if isinstance(sparsity, Mapping):
+        if scope == "global":
+            raise ValueError("per-target sparsities need scope 'layer' or 'row'; scope "
+                             "'global' ranks all targets with one sparsity")
+        unknown = sorted(set(sparsity) - set(names))
+        missing = sorted(set(names) - set(sparsity))
+        if unknown or missing:
+            raise ValueError(f"sparsity mapping must name each target once: unknown "
+                             f"{unknown}, missing {missing}")
+        values = {n: sparsity[n] for n in names}
+    else:
+        values = dict.fromkeys(names, sparsity)
+    top = granularity.max_sparsity
+    allowed = f"[0, {top:g}]" if top < 1 else "[0, 1)"
+    out: dict[str, Schedule] = {}
+    for name, value in values.items():
+        if schedules and isinstance(value, Schedule):
+            low, high = value.bounds()
+            if not (low >= 0.0 and (high <= top if top < 1 else high < 1.0)):
+                raise ValueError(f"sparsity for {name!r} must stay in {allowed} at every "
+                                 f"step (granularity {granularity}); {value!r} spans "
+                                 f"[{low:g}, {high:g}]")
+            out[name] = value
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise check.ArgumentTypeError(f"sparsity for {name!r} must be {what}, got "
+                                          f"{type(value).__name__} {value!r}")
+        try:
+            out[name] = as_schedule(check.sparsity(f"sparsity for {name!r}", value, top=top))
+        except ValueError:
+            raise ValueError(f"sparsity for {name!r} must be a number in {allowed} "
+                             f"(granularity {granularity}), got {value!r}") from None
+    return out
 
 
 def nm_layout(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -181,6 +249,34 @@ def _select_global(units: Mapping[str, torch.Tensor],
     keep = _keep_lowest_out(flat, _count(values.pop(), flat))
     sizes = [u.numel() for u in units.values()]
     return dict(zip(units, keep.split(sizes), strict=True))
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A selection policy by threshold with hysteresis, instead of by count.
+
+    At step ``t`` a kept unit is pruned when its score is below ``low = threshold(t)``; a
+    pruned unit returns when its score reaches ``high = low * (1 + margin)``
+    (:func:`select_by_threshold`). Dynamic weight clipping declares this policy.
+
+    Attributes:
+        threshold: A constant or a schedule of the step, ``>= 0``.
+        margin: Relative gap between the pruning and the regrowth thresholds, ``>= 0``.
+    """
+
+    threshold: float | Schedule
+    margin: float = 0.0
+
+    def bounds(self, step: int) -> tuple[float, float]:
+        """``(prune_below, regrow_at_or_above)`` at ``step``."""
+        low = float(as_schedule(self.threshold)(step))
+        return low, low * (1.0 + self.margin)
+
+    def select(self, scores: Mapping[str, torch.Tensor], previous: Mapping[str, torch.Tensor],
+               step: int) -> dict[str, torch.Tensor]:
+        """Masks at ``step`` from ``scores`` and the ``previous`` masks."""
+        low, high = self.bounds(step)
+        return select_by_threshold(scores, previous, low, high)
 
 
 def select_by_threshold(

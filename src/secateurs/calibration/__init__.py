@@ -1,6 +1,7 @@
 """Calibration: passes over sample inputs that collect streaming statistics of each target
 layer's input features (per-feature sums of ``|x|`` and ``x^2``, counts, ``X^T X``), and
-gradient sums for first-order criteria."""
+gradient sums for first-order criteria. A criterion declares what it needs as a
+:class:`Request`; :func:`observe` runs the passes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .collect import (
     to_device,
 )
 from .features import FeatureMap, feature_map, register_feature_map
+from .observe import Observed, Request, observe
 from .stats import DEFAULT_POWERS, InputStats, check_power
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "FeatureMap",
     "InputStats",
     "LossFn",
+    "Observed",
+    "Request",
     "calibrate",
     "call_order",
     "check_batches",
@@ -35,6 +39,7 @@ __all__ = [
     "gradient_sums",
     "input_tensor",
     "model_device",
+    "observe",
     "register_feature_map",
     "run_batch",
     "to_device",

@@ -2,7 +2,18 @@
 
 A criterion *scores* targets: it returns a tensor shaped like the target, higher meaning
 keep. It never selects and never touches masks or weights (Torch-Pruning's
-``Importance.__call__(group) -> scores`` split).
+``Importance.__call__(group) -> scores`` split). What else it can do it declares, so no
+caller has to probe:
+
+- :attr:`Criterion.request`: the statistics a calibration pass must collect for it
+  (``None``: it scores from the weights alone); :meth:`Criterion.fit` takes them;
+- :attr:`Criterion.policy`: how its scores are selected (``None``: by count, from the
+  pruner's sparsity; dynamic weight clipping declares a
+  :class:`~secateurs.selection.Threshold`);
+- :class:`GroupCriterion`: scores whole channel groups (one value per unit) itself;
+  other criteria's element scores are summed over each unit's slices;
+- :meth:`Criterion.bind` / :meth:`Criterion.close`: statistics hooks on the training
+  batches while a :class:`~secateurs.Pruner` holds the criterion.
 """
 
 from __future__ import annotations
@@ -13,6 +24,9 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from ..calibration import Observed, Request
+from ..graph import ChannelGroup
+from ..selection import Threshold
 from ..targets import Target
 
 C = TypeVar("C", bound="type[Criterion]")
@@ -43,11 +57,22 @@ class Criterion(abc.ABC):
     def score(self, target: Target) -> torch.Tensor:
         """Return a float tensor shaped like ``target.param``; higher means keep."""
 
-    def thresholds(self, step: int) -> tuple[float, float] | None:
-        """``(prune_below, regrow_at_or_above)`` for criteria that select by threshold.
+    @property
+    def request(self) -> Request | None:
+        """What a calibration pass must collect for this criterion; ``None`` (the default)
+        when it scores from the weights alone."""
+        return None
 
-        ``None`` (the default) means selection by count, from the pruner's sparsity.
-        """
+    def fit(self, targets: list[Target], observed: Observed) -> None:
+        """Take the statistics of ``targets`` from a calibration pass that collected
+        :attr:`request`. Only called when :attr:`request` is not ``None``."""
+        raise TypeError(f"criterion {self.name!r} scores from the weights alone and takes "
+                        "no calibration statistics")
+
+    @property
+    def policy(self) -> Threshold | None:
+        """How scores are selected: ``None`` (the default) selects by count, from the
+        pruner's sparsity; a :class:`~secateurs.selection.Threshold` selects by threshold."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -61,6 +86,18 @@ class Criterion(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class GroupCriterion(Criterion):
+    """A criterion that scores whole channel groups itself: one value per unit.
+
+    Used with ``granularity="channel"`` and example inputs; :meth:`score` is its element
+    score for other granularities.
+    """
+
+    @abc.abstractmethod
+    def score_group(self, group: ChannelGroup, model: torch.nn.Module) -> torch.Tensor:
+        """One score per unit of ``group`` (``group.units`` values); higher means keep."""
 
 
 def register_criterion(name: str) -> Callable[[C], C]:

@@ -2,7 +2,10 @@
 
 Each takes its statistics from one of two places:
 
-- a calibration pass (:meth:`DataCriterion.calibrate`, which :func:`secateurs.prune_` calls),
+- a calibration pass: the criterion declares its :attr:`~DataCriterion.request`, the
+  calibration layer (:func:`secateurs.calibration.observe`) runs the passes and
+  :meth:`~DataCriterion.fit` takes the result (:func:`secateurs.prune_` does this;
+  :meth:`DataCriterion.calibrate` does it for one call),
 - the training batches themselves, when bound to a :class:`~secateurs.Pruner`: hooks keep an
   exponential moving average (EMA) ``m <- decay * m + (1 - decay) * batch`` (the first
   observation initialises it), so masks follow the data the model is trained on. The
@@ -12,7 +15,6 @@ Each takes its statistics from one of two places:
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,15 +22,17 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .. import validation as check
 from ..calibration import (
     Batch,
     InputStats,
     LossFn,
-    calibrate,
+    Observed,
+    Request,
     check_power,
     feature_map,
-    gradient_sums,
     input_tensor,
+    observe,
 )
 from ..targets import Target
 from .base import Criterion, register_criterion
@@ -38,12 +42,8 @@ class _Average:
     """Per-target running values: an EMA over every ``every``-th observation."""
 
     def __init__(self, decay: float, every: int) -> None:
-        if not (isinstance(decay, (int, float)) and math.isfinite(decay) and 0 <= decay < 1):
-            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
-        self.decay = float(decay)
-        self.every = every
+        self.decay = check.number("decay", decay, low=0.0, high=1.0, high_open=True)
+        self.every = check.integer("every", every, low=1)
         self.values: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
 
@@ -77,19 +77,39 @@ class DataCriterion(Criterion):
         every: Under a Pruner, observe every ``every``-th training forward/backward only.
     """
 
-    #: Powers ``p`` of the input statistics ``sum |x|^p`` that :meth:`calibrate` reads from
-    #: a shared pass (empty: the criterion runs its own pass).
-    powers: tuple[float, ...] = ()
-
     def __init__(self, decay: float = 0.9, every: int = 1) -> None:
         self._avg = _Average(decay, every)
         self._handles: list[RemovableHandle] = []
 
+    @property
     @abc.abstractmethod
+    def request(self) -> Request:
+        """The statistics a calibration pass must collect for this criterion."""
+
+    @abc.abstractmethod
+    def fit(self, targets: list[Target], observed: Observed) -> None:
+        """Set the statistics of ``targets`` from a pass that collected :attr:`request`."""
+
     def calibrate(self, model: nn.Module, targets: list[Target], batches: Iterable[Batch], *,
                   stats: dict[str, InputStats] | None = None, progress: bool = True) -> None:
-        """Set the statistics of ``targets`` from a pass over ``batches`` (or from ``stats``,
-        input statistics already collected with the powers in :attr:`powers`)."""
+        """Run the passes :attr:`request` asks for over ``batches`` and :meth:`fit` them.
+
+        Args:
+            model: The model.
+            targets: The targets to score.
+            batches: Calibration batches.
+            stats: Input statistics already collected (with at least the powers of
+                :attr:`request`): no statistics pass runs.
+            progress: Show progress bars.
+        """
+        request = self.request
+        if stats is not None:
+            observed = observe(model, batches, targets, Request(loss=request.loss),
+                               progress=progress)
+            observed.inputs = stats
+        else:
+            observed = observe(model, batches, targets, request, progress=progress)
+        self.fit(targets, observed)
 
     def close(self) -> None:
         for h in self._handles:
@@ -143,14 +163,16 @@ class Contribution(DataCriterion):
     def __init__(self, p: float = 2.0, *, decay: float = 0.9, every: int = 1) -> None:
         super().__init__(decay, every)
         self.p = check_power(p)
-        self.powers = (self.p,)
 
-    def calibrate(self, model: nn.Module, targets: list[Target], batches: Iterable[Batch], *,
-                  stats: dict[str, InputStats] | None = None, progress: bool = True) -> None:
-        if stats is None:
-            stats = calibrate(model, batches, targets, powers=self.powers, progress=progress)
+    @property
+    def request(self) -> Request:
+        """Input statistics ``sum |x|^p``."""
+        return Request(powers=(self.p,))
+
+    def fit(self, targets: list[Target], observed: Observed) -> None:
+        assert observed.inputs is not None
         for t in targets:
-            self._avg.values[t.name] = stats[t.name].mean_power(self.p)
+            self._avg.values[t.name] = observed.inputs[t.name].mean_power(self.p)
 
     def bind(self, model: nn.Module, targets: list[Target]) -> None:
         self.close()
@@ -201,19 +223,27 @@ class Taylor(DataCriterion):
 
     def __init__(self, loss: LossFn | None = None, *, decay: float = 0.9, every: int = 1) -> None:
         super().__init__(decay, every)
-        if loss is not None and not callable(loss):
-            raise TypeError(f"loss must be a callable (model, batch) -> scalar tensor, got "
-                            f"{type(loss).__name__}")
-        self.loss = loss
+        self.loss = check.optional(check.callable_, "loss", loss,
+                                   what="a callable (model, batch) -> scalar tensor")
 
-    def calibrate(self, model: nn.Module, targets: list[Target], batches: Iterable[Batch], *,
-                  stats: dict[str, InputStats] | None = None, progress: bool = True) -> None:
+    @property
+    def request(self) -> Request:
+        """Gradient sums under :attr:`loss`.
+
+        Raises:
+            ValueError: without a loss (a calibration pass needs one).
+        """
         if self.loss is None:
             raise ValueError("criterion 'taylor' needs a loss for a calibration pass: pass "
                              "Taylor(loss=lambda model, batch: ...)")
-        sums, n = gradient_sums(model, batches, targets, self.loss, progress=progress)
+        return Request(loss=self.loss)
+
+    def fit(self, targets: list[Target], observed: Observed) -> None:
+        assert observed.gradients is not None
+        n = max(observed.batches, 1)
         for t in targets:
-            self._avg.values[t.name] = t.param.detach().abs().float() * sums[t.name] / n
+            self._avg.values[t.name] = (t.param.detach().abs().float()
+                                        * observed.gradients[t.name] / n)
 
     def bind(self, model: nn.Module, targets: list[Target]) -> None:
         self.close()

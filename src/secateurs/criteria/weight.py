@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .. import validation as check
 from ..schedules import Schedule, as_schedule
+from ..selection import Threshold
 from ..targets import Target
 from .base import Criterion, register_criterion
 
@@ -75,9 +76,7 @@ class Clipping(Criterion):
     regrows = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin)
-                and self.margin >= 0):
-            raise ValueError(f"margin must be a finite number >= 0, got {self.margin!r}")
+        self.margin = check.number("margin", self.margin, low=0.0)
         if self.threshold is not None:
             low, _ = as_schedule(self.threshold).bounds()
             if not low >= 0:
@@ -86,9 +85,13 @@ class Clipping(Criterion):
     def score(self, target: Target) -> torch.Tensor:
         return target.param.detach().abs()
 
+    @property
+    def policy(self) -> Threshold | None:
+        """Selection by :attr:`threshold` with hysteresis, or ``None`` (by count) when the
+        threshold is derived from the pruner's sparsity."""
+        return None if self.threshold is None else Threshold(self.threshold, self.margin)
+
     def thresholds(self, step: int) -> tuple[float, float] | None:
         """``(prune_below, regrow_at_or_above)`` at ``step``, or ``None`` when derived."""
-        if self.threshold is None:
-            return None
-        low = float(as_schedule(self.threshold)(step))
-        return low, low * (1.0 + self.margin)
+        policy = self.policy
+        return None if policy is None else policy.bounds(step)

@@ -1,7 +1,9 @@
 """Structured pruning: whole channels, neurons and heads, physically removed.
 
-- :mod:`.groups`: channel groups (what must be removed together), found with Torch-Pruning.
-- :mod:`.scores`: group criteria ``l1``, ``l2``, ``bn_scale`` (registered by name).
+Channel groups (what must be removed together) are found by :mod:`secateurs.graph`, and
+the group criteria ``l1``, ``l2``, ``bn_scale`` live with the other criteria
+(:mod:`secateurs.criteria.group`); both are re-exported here. This package is the surgery:
+
 - :mod:`.compaction`: :func:`compact_`, removing groups whose masks are off.
 - :mod:`.counting`: :func:`count`, parameters, MACs and bytes.
 - :mod:`.api`: :func:`prune_channels_`, from a trained model to a compacted one.
@@ -10,12 +12,12 @@
 
 from __future__ import annotations
 
+from ..criteria.group import BNScale, GroupL1, GroupL2, bn_penalty
+from ..graph import ChannelGroup, Structure, discover
 from . import models
 from .api import StructuredResult, prune_channels_
 from .compaction import CompactionError, check_compactable, compact_
 from .counting import Counts, Latency, count, latency
-from .groups import ChannelGroup, Structure, discover
-from .scores import BNScale, GroupL1, GroupL2, bn_penalty
 
 __all__ = [
     "BNScale",

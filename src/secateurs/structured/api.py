@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import validation as check
+from ..calibration import observe
 from ..criteria import Criterion
+from ..pruner import Pruner
 from ..schedules import Cubic, Schedule
 from ..targets import TargetSpec
 from .compaction import check_compactable, compact_
@@ -98,15 +101,12 @@ def prune_channels_(
             dense_time, small_time = latency([trained, small], x)
             print(result.after.params, result.after.macs, small_time.ms, small_time.speedup)
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    check.integer("steps", steps, low=0)
     if steps and train_step is None:
         raise ValueError(f"steps={steps} needs a train_step(step) callable to train with")
     start = time.perf_counter()
     check_compactable(model, example_inputs)
     before = count(model, example_inputs)
-    from ..pruner import Pruner  # the pruner imports the channel groups of this package
-
     if steps and isinstance(sparsity, (int, float)):
         sparsity = Cubic(initial=0.0, final=float(sparsity), begin_step=0,
                          end_step=max(1, 3 * steps // 4))
@@ -128,13 +128,14 @@ def prune_channels_(
                             time.perf_counter() - start)
 
 
-def _calibrate(pruner: Any, calibration: Iterable[Any] | None) -> None:
-    calibrate = getattr(pruner.criterion, "calibrate", None)
+def _calibrate(pruner: Pruner, calibration: Iterable[Any] | None) -> None:
+    criterion = pruner.criterion
     if calibration is None:
-        if callable(calibrate):
-            raise ValueError(f"criterion {pruner.criterion!r} learns from data: pass "
+        if criterion.request is not None:
+            raise ValueError(f"criterion {criterion!r} learns from data: pass "
                              "calibration batches for a one-shot prune")
         return
-    if not callable(calibrate):
-        raise ValueError(f"criterion {pruner.criterion!r} takes no calibration batches")
-    calibrate(pruner.model, pruner.targets, calibration, progress=False)
+    if criterion.request is None:
+        raise ValueError(f"criterion {criterion!r} takes no calibration batches")
+    criterion.fit(pruner.targets, observe(pruner.model, calibration, pruner.targets,
+                                          criterion.request, progress=False))

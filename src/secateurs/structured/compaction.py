@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import ChannelGroup, Structure, bare_copy, discover
+from ..graph.groups import ChannelGroup, Structure, bare_copy, discover
 from .verify import CompactionError, compare, record
 
 __all__ = ["CompactionError", "check_compactable", "compact_"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .groups import forward
+from ..graph.groups import forward
 
 __all__ = ["Counts", "Latency", "count", "latency"]
 

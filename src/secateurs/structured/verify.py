@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import forward
+from ..graph.groups import forward
 
 __all__ = ["CompactionError", "Recording", "compare", "flatten", "record"]
 

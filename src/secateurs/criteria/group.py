@@ -1,9 +1,9 @@
 """Group criteria: one score per unit of a channel group, over every coupled parameter.
 
 Registered in the criteria registry beside the element criteria, so the pruner takes them
-by name. A criterion with a ``score_group(group, model)`` method scores channel groups
-itself; any other criterion (``magnitude``, ``contribution``, ``taylor``, ...) is reduced
-by :meth:`~secateurs.structured.groups.ChannelGroup.reduce`: its element scores summed over
+by name. A :class:`~secateurs.criteria.GroupCriterion` scores channel groups itself; any
+other criterion (``magnitude``, ``contribution``, ``taylor``, ...) is reduced
+by :meth:`~secateurs.graph.ChannelGroup.reduce`: its element scores summed over
 each unit's slices of the targets. ``contribution`` then weighs a channel by the inputs its
 consumers see (``||x_c|| * sum_i |w_ic|``) as well as by its filter, which makes it the
 activation-aware group score; ``taylor`` sums ``|w * dL/dw|`` over the group (Molchanov et
@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..criteria import Criterion, register_criterion
+from ..graph import ChannelGroup
 from ..targets import Target
-from .groups import ChannelGroup
+from .base import GroupCriterion, register_criterion
 
 __all__ = ["BNScale", "GroupL1", "GroupL2", "bn_penalty"]
 
@@ -27,7 +27,7 @@ def _params(group: ChannelGroup, model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @register_criterion("l1")
-class GroupL1(Criterion):
+class GroupL1(GroupCriterion):
     """Group L1 norm: ``sum |w|`` over every coupled slice of a unit.
 
     The filter-norm criterion of Li et al. 2017 ("Pruning Filters for Efficient ConvNets")
@@ -45,7 +45,7 @@ class GroupL1(Criterion):
 
 
 @register_criterion("l2")
-class GroupL2(Criterion):
+class GroupL2(GroupCriterion):
     """Group L2 norm: ``sqrt(sum w^2)`` over every coupled slice of a unit.
 
     With ``granularity="element"`` the score is ``w^2``, which ranks as ``|w|`` does and
@@ -61,7 +61,7 @@ class GroupL2(Criterion):
 
 
 @register_criterion("bn_scale")
-class BNScale(Criterion):
+class BNScale(GroupCriterion):
     """Network slimming: a channel's BatchNorm scale ``|gamma|`` (Liu et al. 2017,
     "Learning Efficient Convolutional Networks through Network Slimming").
 

@@ -10,8 +10,8 @@ the coupling; :mod:`.slicing` turns each coupled handler into parameter slices.
 Channels that can only go together form one *unit*: the channels of one attention head,
 or the same channel of every group of a grouped convolution. Selection ranks units.
 
-This module sits low in the layers (it imports only torch, torch_pruning and
-:mod:`secateurs.targets`), so the pruner can build group-aware masks with it.
+This module sits low in the layers (it imports only torch and torch_pruning), so the
+pruner can build group-aware masks with it.
 """
 
 from __future__ import annotations
