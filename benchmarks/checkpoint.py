@@ -30,6 +30,7 @@ from torch import nn
 
 import secateurs as sc
 from secateurs import checkpoint
+from secateurs.checkpoint.digest import content_digest
 
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -107,7 +108,7 @@ def measure(name: str, width: int, depth: int, repeats: int, tmp: Path) -> Row:
     load = rounds({"torch": lambda: torch_load(pt, model, pruner, opt),
                    "secateurs": lambda: checkpoint.load(st, model, pruner, opt)}, repeats)
     tensors = safetensors.torch.load_file(st)
-    hashing = rounds({"sha256": lambda: checkpoint._digest("", tensors)}, repeats)["sha256"]
+    hashing = rounds({"sha256": lambda: content_digest("", tensors)}, repeats)["sha256"]
     return Row(name, sum(p.numel() for p in model.parameters()),
                sum(m.numel() for m in pruner.masks.values()), save, load,
                {"torch": pt.stat().st_size, "secateurs": st.stat().st_size}, hashing)

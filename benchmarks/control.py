@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
+from secateurs.controllers.sensitivity import Sensitivity, measure_sensitivity
 from secateurs.report import markdown_table, text_table
 from secateurs.search import Recipe, Setting, run_method, train_dense
-from secateurs.sensitivity import Sensitivity, measure_sensitivity
 from secateurs.tasks import get_task
 
 HERE = Path(__file__).resolve().parent

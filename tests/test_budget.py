@@ -15,11 +15,19 @@ from torch import nn
 
 from conftest import train_steps
 from secateurs import Pruner
-from secateurs.controllers import Budget, Decision, Plateau, PruneLR, read_metric
+from secateurs.controllers import (
+    Budget,
+    Decision,
+    Plateau,
+    PruneLR,
+    ThresholdAdapter,
+    read_metric,
+)
 from secateurs.lr import ScheduledLR
 from secateurs.schedules import Constant, Cosine, Cubic, Linear
 from secateurs.search import Recipe, Setting, finetune, train_dense
 from secateurs.tasks import get_task
+from secateurs.validation import ArgumentTypeError
 
 A, P, W, R, RA, D, H, RE = ("advance", "pause", "wait", "rollback", "raise", "done", "hold",
                             "resume")
@@ -128,17 +136,55 @@ def test_limits_relative_and_lower_is_better() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"tolerance": -0.1}, "tolerance must be in"),
-    ({"backoff": 1.0}, "backoff must be in"),
-    ({"backoff": 0.0}, "backoff must be in"),
-    ({"patience": -1}, "patience must be an integer"),
-    ({"resolution": 0.0}, "resolution must be in"),
+    ({"tolerance": -0.1}, r"tolerance must be .*in \[0, inf\), got -0\.1"),
+    ({"backoff": 1.0}, r"backoff must be .*in \(0, 1\), got 1\.0"),
+    ({"backoff": 0.0}, r"backoff must be .*in \(0, 1\), got 0\.0"),
+    ({"patience": -1}, "patience must be an integer >= 0, got -1"),
+    ({"resolution": 0.0}, r"resolution must be .*in \(0, inf\), got 0\.0"),
     ({"baseline": math.nan}, "baseline must be a finite number"),
 ])
 def test_bad_options_name_the_value(options: dict, message: str) -> None:
     kwargs = {"baseline": 0.9, "tolerance": 0.01, **options}
     with pytest.raises(ValueError, match=message):
         Budget(Linear(0.0, 0.5, end_step=4), **kwargs)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"patience": "3"}, "patience must be an integer >= 0, got str '3'"),
+    ({"patience": 2.0}, "patience must be an integer"),
+    ({"tolerance": "0.1"}, "tolerance must be a finite number"),
+    ({"relative": 1}, "relative must be True or False"),
+    ({"metric": 3}, "metric must be a metric name"),
+])
+def test_options_of_the_wrong_type_are_type_errors(options: dict, message: str) -> None:
+    kwargs = {"baseline": 0.9, "tolerance": 0.01, **options}
+    with pytest.raises(ArgumentTypeError, match=message) as info:
+        Budget(Linear(0.0, 0.5, end_step=4), **kwargs)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+    with pytest.raises(ArgumentTypeError, match="schedule must be a secateurs Schedule"):
+        Budget(0.5, baseline=0.9, tolerance=0.01)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentTypeError, match="schedule must be a secateurs Schedule"):
+        ThresholdAdapter(0.1, baseline=0.9, tolerance=0.01)  # type: ignore[arg-type]
+
+
+def test_plateau_and_prune_lr_refuse_wrong_types_and_values(mlp: nn.Module) -> None:
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    with pytest.raises(ArgumentTypeError, match="patience must be an integer >= 0, got str"):
+        Plateau(opt, patience="3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"cooldown must be an integer >= 0, got -2"):
+        Plateau(opt, cooldown=-2)
+    with pytest.raises(ArgumentTypeError, match="threshold must be a finite number"):
+        Plateau(opt, threshold=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threshold_mode must be one of 'rel', 'abs'"):
+        Plateau(opt, threshold_mode="ratio")  # type: ignore[arg-type]
+    pruner = Pruner(mlp, 0.5)
+    lr = ScheduledLR(opt, Constant(1.0))
+    with pytest.raises(ValueError, match="to_step must be an integer >= 0, got -1"):
+        PruneLR(pruner, lr, to_step=-1)
+    with pytest.raises(ArgumentTypeError, match="to_step must be an integer"):
+        PruneLR(pruner, lr, to_step=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentTypeError, match="plateau must be a secateurs.controllers.Plateau"):
+        PruneLR(pruner, lr, plateau=opt)  # type: ignore[arg-type]
 
 
 def test_a_schedule_reaching_one_is_rejected() -> None:

@@ -23,6 +23,7 @@ import secateurs as sc
 from conftest import train_steps
 from secateurs import checkpoint
 from secateurs.checkpoint import CheckpointError
+from secateurs.checkpoint.codec import Encoder, decode, encode
 from secateurs.controllers import Plateau
 from secateurs.lr import ScheduledLR
 from secateurs.schedules import Cosine, Cubic
@@ -304,10 +305,10 @@ _tree = st.recursive(_leaf, lambda kids: st.one_of(
 
 @given(_tree)
 def test_any_nested_state_round_trips(tree: Any) -> None:
-    enc = checkpoint._Encoder()
-    node = json.loads(json.dumps(checkpoint._encode(tree, "x", enc), allow_nan=False))
+    enc = Encoder()
+    node = json.loads(json.dumps(encode(tree, "x", enc), allow_nan=False))
     data = safetensors.torch.load(safetensors.torch.save(enc.tensors))
-    back = checkpoint._decode(node, data)
+    back = decode(node, data)
 
     def eq(a: Any, b: Any) -> bool:
         if isinstance(a, torch.Tensor):

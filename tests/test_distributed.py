@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import secateurs as sc
-from secateurs import distributed
+from secateurs import checkpoint, distributed
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
@@ -89,6 +89,33 @@ def test_unknown_sync_is_refused_before_stepping(mlp: nn.Module) -> None:
 
 
 def test_rng_states_gathered_for_this_rank_only() -> None:
-    states = distributed.gather_rng_states()
+    states = checkpoint.gather_rng_states()
     assert list(states) == [0]
     assert torch.equal(states[0]["torch"], torch.get_rng_state())
+
+
+def test_single_process_distributed_checkpoint_round_trips(tmp_path: Path,
+                                                           mlp: nn.Module) -> None:
+    pruner = sc.Pruner(mlp, 0.5)
+    pruner.step()
+    info = checkpoint.save_distributed(tmp_path / "c.safetensors", mlp, pruner)
+    assert info is not None and info.sections == ("model", "pruner", "rng")
+    torch.manual_seed(7)
+    fresh = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
+    fresh_pruner = sc.Pruner(fresh, 0.5)
+    checkpoint.load_distributed(tmp_path / "c.safetensors", fresh, fresh_pruner)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                 mlp.state_dict().values(), strict=True))
+    assert all(torch.equal(fresh_pruner.masks[n], pruner.masks[n]) for n in pruner.masks)
+
+
+@pytest.mark.parametrize(("old", "new"), [("save", "save_distributed"),
+                                          ("load", "load_distributed"),
+                                          ("gather_rng_states", "gather_rng_states")])
+def test_checkpoint_functions_moved_to_checkpoint_warn_and_forward(old: str, new: str) -> None:
+    with pytest.warns(DeprecationWarning, match=f"secateurs.checkpoint.{new}"):
+        moved = getattr(distributed, old)
+    assert moved is getattr(checkpoint, new)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        distributed.nope  # noqa: B018

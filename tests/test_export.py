@@ -14,7 +14,6 @@ import secateurs as sc
 from conftest import train_steps
 from secateurs.checkpoint import CheckpointError
 from secateurs.export import (
-    adopt_masks_,
     load_pruned,
     masks_from_zeros,
     pruner_from_zeros,
@@ -84,14 +83,25 @@ def test_a_sparse_file_from_elsewhere_continues_under_a_pruner(tmp_path: Path,
 def test_adopting_masks_that_do_not_fit_changes_nothing(mlp: nn.Module) -> None:
     pruner = sc.Pruner(mlp, 0.5)
     before = [p.clone() for p in mlp.parameters()]
-    with pytest.raises(ValueError, match=r"'nope'.*valid names include"):
-        adopt_masks_(pruner, {"nope": torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"'nope'.*not targets of the pruner; targets: "):
+        pruner.adopt_masks_({"nope": torch.ones(2, dtype=torch.bool)})
     with pytest.raises(ValueError, match=r"'0\.weight' must be torch.bool of shape \(32, 16\)"):
-        adopt_masks_(pruner, {"0.weight": torch.ones(16, 32, dtype=torch.bool)})
+        pruner.adopt_masks_({"0.weight": torch.ones(16, 32, dtype=torch.bool)})
     with pytest.raises(ValueError, match="must be torch.bool.*got torch.float32"):
-        adopt_masks_(pruner, {"0.weight": torch.ones(32, 16)})
+        pruner.adopt_masks_({"0.weight": torch.ones(32, 16)})
     assert all(m.all() for m in pruner.masks.values())
     assert all(torch.equal(a, b) for a, b in zip(before, mlp.parameters(), strict=True))
+
+
+def test_the_adopt_masks_function_warns_and_forwards_to_the_method(mlp: nn.Module) -> None:
+    from secateurs.export import adopt_masks_
+
+    pruner = sc.Pruner(mlp, 0.5)
+    mask = torch.rand(32, 16, generator=torch.Generator().manual_seed(0)) > 0.3
+    with pytest.warns(DeprecationWarning, match=r"secateurs\.Pruner\.adopt_masks_"):
+        adopt_masks_(pruner, {"0.weight": mask})
+    assert torch.equal(pruner.masks["0.weight"], mask)
+    assert not mlp[0].weight[~mask].any()
 
 
 def test_loading_a_file_that_does_not_fit_changes_nothing(tmp_path: Path, mlp: nn.Module
@@ -143,7 +153,7 @@ class ConvNet(nn.Module):
 
 @pytest.fixture
 def compacted() -> tuple[nn.Module, torch.Tensor, int]:
-    structured = pytest.importorskip("secateurs.structured")
+    from secateurs import structured
     torch.manual_seed(0)
     model = ConvNet().eval()
     x = torch.randn(4, 1, 8, 8)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from secateurs import Pruner
-from secateurs.sensitivity import Sensitivity, measure_sensitivity
+from secateurs.controllers import Sensitivity, measure_sensitivity
+from secateurs.validation import ArgumentTypeError
 
 
 def probe(model: nn.Module) -> float:
@@ -39,6 +40,10 @@ def test_measure_reads_a_mapping_and_rejects_bad_sparsities(mlp: nn.Module) -> N
     for bad in [(), (0.5, 0.5), (0.0, 0.5), (0.5, 1.0)]:
         with pytest.raises(ValueError, match="strictly increasing values in"):
             measure_sensitivity(mlp, probe, bad)
+    with pytest.raises(ArgumentTypeError, match=r"sparsities\[1\] must be .*str '0.9'"):
+        measure_sensitivity(mlp, probe, (0.5, "0.9"))  # type: ignore[arg-type]
+    with pytest.raises(ArgumentTypeError, match="higher_is_better must be True or False"):
+        measure_sensitivity(mlp, probe, (0.5,), higher_is_better=1)  # type: ignore[arg-type]
 
 
 def curves() -> Sensitivity:
@@ -78,8 +83,12 @@ def test_allocation_limits_and_round_trip() -> None:
     assert sens.max_overall() == pytest.approx(0.95)
     with pytest.raises(ValueError, match="above 0.95"):
         sens.allocate(0.96)
-    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"overall must be .*in \[0, 1\).*1\.0"):
         sens.allocate(1.0)
+    with pytest.raises(ArgumentTypeError, match="overall must be .*str '0.5'"):
+        sens.allocate("0.5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"max_sparsity must be .*in \[0, 1\).*1\.5"):
+        sens.allocate(0.5, max_sparsity=1.5)
     capped = sens.allocate(0.5, max_sparsity=0.8)
     assert max(capped.values()) <= 0.8
     copy = Sensitivity.from_dict(json.loads(json.dumps(sens.to_dict())))
@@ -96,3 +105,15 @@ def test_the_pruner_realises_a_measured_allocation(mlp: nn.Module) -> None:
     pruner.step()
     assert pruner.sparsity() == pytest.approx(0.8, abs=3 / 1664)
     assert pruner.sparsity("0.weight") < pruner.sparsity("2.weight")
+
+
+def test_the_old_module_path_warns_and_forwards() -> None:
+    import secateurs.controllers.sensitivity as new
+    import secateurs.sensitivity as old
+
+    with pytest.warns(DeprecationWarning, match="secateurs.controllers.sensitivity.Sensitivity"):
+        assert old.Sensitivity is new.Sensitivity
+    with pytest.warns(DeprecationWarning, match="measure_sensitivity"):
+        assert old.measure_sensitivity is measure_sensitivity
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        old.nope  # noqa: B018

@@ -204,10 +204,15 @@ def test_masks_that_leave_batchnorm_active_are_refused() -> None:
     model = _randomise_norms(models.ConvBN(width=6, classes=5, size=8)).eval()
     x = torch.randn(2, 1, 8, 8)
     # Row masks on the targets alone: the BatchNorm shift of a removed channel still acts.
-    rows = sc.Pruner(model, 0.5, "l1", granularity="channel")
-    rows.update()
+    targets = sc.targets.resolve_targets(model)
+    rows = sc.selection.select({t.name: t.param.detach().abs() for t in targets},
+                               dict.fromkeys((t.name for t in targets), 0.5),
+                               sc.selection.parse_granularity("channel"), "layer")
+    with torch.no_grad():
+        for t in targets:
+            t.param.mul_(rows[t.name])
     with pytest.raises(CompactionError, match="features"):
-        compact_(model, x, rows.masks)
+        compact_(model, x, rows)
     assert model.features[0].out_channels == 6
 
 

@@ -22,7 +22,8 @@ masks. What differs between ranks is the data: a data-driven criterion (``contri
 
 Calibration statistics of a one-shot pass (:func:`all_reduce_stats_`) are sums and are
 summed across ranks. Checkpoints are written by one rank, with every rank's RNG states,
-and read by all (:func:`save`, :func:`load`).
+and read by all: :func:`secateurs.checkpoint.save_distributed` and
+:func:`secateurs.checkpoint.load_distributed`.
 
 FSDP is not supported: under FSDP2 (``fully_shard``) parameters are ``DTensor`` shards, a
 :class:`~secateurs.Pruner` built on them creates ``DTensor`` masks, and selection fails
@@ -34,7 +35,7 @@ Prune before sharding, or train with DDP.
 from __future__ import annotations
 
 import hashlib
-import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -42,7 +43,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint
 from .calibration import InputStats
 from .criteria import Criterion
 from .pruner import Pruner
@@ -52,11 +52,8 @@ __all__ = [
     "all_reduce_stats_",
     "broadcast_pruned_",
     "check_masks_agree",
-    "gather_rng_states",
     "is_distributed",
-    "load",
     "rank",
-    "save",
     "step",
     "unwrap",
     "world_size",
@@ -241,62 +238,17 @@ def step(pruner: Pruner, *, sync: str = "reduce") -> bool:
     return SYNCS[sync](pruner)
 
 
-def gather_rng_states() -> dict[int, dict[str, torch.Tensor]]:
-    """Every rank's :func:`secateurs.checkpoint.rng_state`, gathered on every rank."""
-    mine = checkpoint.rng_state()
-    if world_size() == 1:
-        return {0: mine}
-    out: dict[int, dict[str, torch.Tensor]] = {r: {} for r in range(world_size())}
-    for key in sorted(mine):
-        local = mine[key].to(_device())
-        parts = [torch.empty_like(local) for _ in range(world_size())]
-        dist.all_gather(parts, local)
-        for r, part in enumerate(parts):
-            out[r][key] = part.cpu()
-    return out
+# Checkpoint functions that lived here; they warn and forward for one release.
+_MOVED = {"save": "save_distributed", "load": "load_distributed",
+          "gather_rng_states": "gather_rng_states"}
 
 
-def save(path: str | os.PathLike[str], model: nn.Module, pruner: Pruner | None = None,
-         optimizer: torch.optim.Optimizer | None = None, *, src: int = 0,
-         **options: Any) -> checkpoint.CheckpointInfo | None:
-    """Write a checkpoint from rank ``src`` with every rank's RNG states; call on all ranks.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        new = _MOVED[name]
+        warnings.warn(f"secateurs.distributed.{name} moved to secateurs.checkpoint.{new}",
+                      DeprecationWarning, stacklevel=2)
+        from . import checkpoint
 
-    Weights, masks and optimizer state are the same on every rank under DDP, so one copy
-    is written; the ranks wait for the file before returning.
-
-    Args:
-        path: Destination; see :func:`secateurs.checkpoint.save`.
-        model: The model, or its ``DistributedDataParallel`` wrapper.
-        pruner: The rank's pruner.
-        optimizer: The rank's optimizer.
-        src: The rank that writes.
-        **options: ``states``, ``meta``, ``rng`` as for :func:`secateurs.checkpoint.save`.
-
-    Returns:
-        The header on ``src``, ``None`` elsewhere.
-    """
-    if options.get("rng", True) is True:
-        options["rng"] = gather_rng_states()
-    info = None
-    if rank() == src:
-        info = checkpoint.save(path, unwrap(model), pruner, optimizer, **options)
-    if is_distributed():
-        dist.barrier()
-    return info
-
-
-def load(path: str | os.PathLike[str], model: nn.Module, pruner: Pruner | None = None,
-         optimizer: torch.optim.Optimizer | None = None,
-         **options: Any) -> checkpoint.CheckpointInfo:
-    """Read a checkpoint on every rank (each restores its own RNG states); call on all ranks.
-
-    Args:
-        path: The file written by :func:`save`.
-        model: The model, or its ``DistributedDataParallel`` wrapper.
-        pruner: The rank's pruner.
-        optimizer: The rank's optimizer.
-        **options: ``states``, ``rng`` as for :func:`secateurs.checkpoint.load`.
-    """
-    if is_distributed():
-        dist.barrier()
-    return checkpoint.load(path, unwrap(model), pruner, optimizer, rank=rank(), **options)
+        return getattr(checkpoint, new)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,8 +18,18 @@ from torch import nn
 from tqdm import tqdm
 
 from . import validation as check
-from .calibration import Batch, InputStats, Request, call_order, check_batches, observe
+from .calibration import (
+    Batch,
+    InputStats,
+    Request,
+    call_order,
+    check_batches,
+    model_device,
+    observe,
+    to_device,
+)
 from .criteria import Criterion, get_criterion
+from .pruner import Pruner
 from .reconstruction import Reconstruction, relative_error
 from .selection import (
     Granularity,
@@ -27,7 +37,7 @@ from .selection import (
     check_shape,
     parse_granularity,
     resolve_sparsity,
-    select,
+    select_targets,
 )
 from .tables import text_table
 from .targets import Target, TargetSpec, resolve_targets
@@ -152,7 +162,11 @@ def prune_(
         calibration: Iterable of batches (tensors, tuples of positional arguments, or dicts
             of keyword arguments). Needed by data criteria, reconstruction and error
             measurement. A one-pass iterator is kept in a list when several passes are run.
-        granularity: ``element``, ``N:M`` (e.g. ``"2:4"``) or ``channel``.
+        granularity: ``element``, ``N:M`` (e.g. ``"2:4"``) or ``channel``: whole channel
+            groups (a neuron or filter with its bias, norm and the input columns of its
+            readers; model outputs are never pruned), traced on the first calibration
+            batch, with scope ``layer`` or ``global``; the masks of the coupled parameters
+            are applied in place, ``masks`` of the report holds the targets'.
         scope: ``row`` (per output row, as Wanda), ``layer`` or ``global``.
         targets: See :func:`secateurs.targets.resolve_targets`.
         reconstruct: After each layer's mask is chosen, update its kept weights to minimise
@@ -188,6 +202,8 @@ def prune_(
         raise ValueError("scope 'global' ranks all targets at once, but sequential pruning "
                          "chooses masks stage by stage; use scope 'row' or 'layer', or "
                          "sequential=False")
+    if plan.granularity.kind == "channel":
+        return _prune_channels(plan, sequential, start)
     groups = _stages(plan, stages or block_of) if sequential else {"": plan.targets}
     passes = len(groups) * max(plan.request.passes, 1)
     plan.batches = _replayable(plan.batches, passes)
@@ -219,7 +235,7 @@ def _plan(model: nn.Module, sparsity: float | Mapping[str, float] | None,
     gran = parse_granularity(granularity)
     check_scope(scope, gran)
     for t in resolved:
-        check_shape(t.name, t.param.shape, gran)
+        check_shape(t.name, t.row_shape, gran)
         if not bool(torch.isfinite(t.param).all()):
             raise ValueError(f"target {t.name!r} holds NaN or Inf values; masks cannot be "
                              "ranked on them (nothing was changed)")
@@ -236,6 +252,41 @@ def _plan(model: nn.Module, sparsity: float | Mapping[str, float] | None,
     schedules = resolve_sparsity(names, sparsity, gran, scope, schedules=False)
     return _Plan(model, resolved, {n: float(s(0)) for n, s in schedules.items()}, crit,
                  batches, gran, scope, reconstruct, request, progress)
+
+
+def _prune_channels(plan: _Plan, sequential: bool, start: float) -> PruneReport:
+    """Whole channel groups, traced on the first calibration batch: the units' biases,
+    norms and readers are masked with them, and model outputs are never pruned."""
+    if plan.reconstruct is not None or sequential:
+        raise ValueError("granularity 'channel' removes whole units, scored once: pass "
+                         "reconstruct=False and sequential=False (or prune elements or N:M)")
+    if plan.batches is None:
+        raise ValueError("granularity 'channel' traces the model on the first calibration "
+                         "batch to find channel groups; pass calibration=[batch, ...]")
+    batches = list(plan.batches)  # traced once, then read by every pass
+    example = to_device(batches[0], model_device(plan.model))
+    report = PruneReport()
+    observed = observe(plan.model, batches, plan.targets, plan.request, progress=plan.progress)
+    report.passes = observed.passes
+    if plan.criterion.request is not None:
+        plan.criterion.fit(plan.targets, observed)
+    before = {t.name: t.param.detach().clone() for t in plan.targets} if plan.hessian else {}
+    with Pruner(plan.model, plan.sparsity, plan.criterion, scope=plan.scope,
+                granularity="channel", targets=[t.name for t in plan.targets],
+                example_inputs=example) as pruner:
+        pruner.update()
+    for t in plan.targets:
+        mask = pruner.masks[t.name]
+        error = None
+        if plan.hessian:
+            assert observed.inputs is not None
+            error = relative_error(t.rows(before[t.name]), t.rows(t.param.detach()),
+                                   observed.inputs[t.name].hessian())
+        report.masks[t.name] = mask
+        report.targets.append(TargetReport(t.name, tuple(mask.shape),
+                                           1.0 - int(mask.sum()) / mask.numel(), error, ""))
+    report.calibration_seconds = report.seconds = time.perf_counter() - start
+    return report
 
 
 def _replayable(batches: Iterable[Batch] | None, passes: int) -> Iterable[Batch] | None:
@@ -263,8 +314,8 @@ def _prune_stage(plan: _Plan, stage: str, group: list[Target], later: list[Targe
     tic = time.perf_counter()
     stats = _statistics(plan, group, later, report)
     scores = {t.name: plan.criterion.score(t) for t in group}
-    masks = select(scores, {t.name: plan.sparsity[t.name] for t in group}, plan.granularity,
-                   plan.scope)
+    masks = select_targets(group, scores, {t.name: plan.sparsity[t.name] for t in group},
+                           plan.granularity, plan.scope)
     report.calibration_seconds += time.perf_counter() - tic
     tic = time.perf_counter()
     new: dict[str, torch.Tensor] = {}
@@ -274,13 +325,15 @@ def _prune_stage(plan: _Plan, stage: str, group: list[Target], later: list[Targe
         error: float | None = None
         if plan.reconstruct is not None:
             assert hessian is not None
-            rec = plan.reconstruct(w, mask, hessian)
-            mask = mask & ~rec.dead.reshape(1, *w.shape[1:]).to(mask.device)
-            new[t.name], error = rec.weight, rec.relative_error
+            # Reconstruction sees the weight as (out, in) rows, as the inputs are collected.
+            rw = t.rows(w)
+            rec = plan.reconstruct(rw, t.rows(mask), hessian)
+            mask = t.rows(t.rows(mask) & ~rec.dead.reshape(1, *rw.shape[1:]).to(mask.device))
+            new[t.name], error = t.rows(rec.weight), rec.relative_error
         else:
             new[t.name] = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
             if hessian is not None:
-                error = relative_error(w, new[t.name], hessian)
+                error = relative_error(t.rows(w), t.rows(new[t.name]), hessian)
         if not bool(torch.isfinite(new[t.name]).all()):
             raise ValueError(f"pruning target {t.name!r} produced NaN or Inf weights "
                              "(nothing was changed)")

@@ -6,12 +6,15 @@ It holds no maths of its own: criteria score, :mod:`secateurs.selection` selects
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from . import validation as check
 from .criteria import Criterion, GroupCriterion, get_criterion
@@ -25,7 +28,7 @@ from .selection import (
     check_shape,
     parse_granularity,
     resolve_sparsity,
-    select,
+    select_targets,
     select_units,
 )
 from .tables import text_table
@@ -61,8 +64,7 @@ class Pruner:
             masked model computes what :func:`secateurs.compact_` will make of it. A group
             shared by several targets takes the largest of their sparsities; targets whose
             channels cannot go (model outputs, LayerNorm-normalised widths) keep them.
-            Without ``example_inputs``, ``channel`` ranks the output rows of each target
-            alone and masks nothing else.
+            ``channel`` needs ``example_inputs``.
         update_every: Steps between mask updates.
         optimizer: If given, its per-element state is masked too (not for criteria that
             regrow, whose weights come back through that state).
@@ -99,11 +101,17 @@ class Pruner:
         self.scope = scope
         self.update_every = check.integer("update_every", update_every, low=1)
         for t in self.targets:
-            check_shape(t.name, t.param.shape, self.granularity)
+            check_shape(t.name, t.row_shape, self.granularity)
         self._schedules = self._resolve_sparsity(sparsity)
         self.optimizer = check.optional(check.instance, "optimizer", optimizer,
                                         types=torch.optim.Optimizer,
                                         what="a torch.optim.Optimizer or None")
+        if self.granularity.kind == "channel" and example_inputs is None:
+            raise ValueError(
+                "granularity 'channel' needs example_inputs (inputs the model can be called "
+                "on, e.g. one batch): tracing them finds what each channel couples (its bias, "
+                "BatchNorm, the layers reading it) and which channels are model outputs, "
+                "which are never pruned")
         self.plan: ChannelPlan | None = None
         if example_inputs is not None:
             self.plan = self._plan_channels(example_inputs)
@@ -114,6 +122,12 @@ class Pruner:
         self._pruned_values = PrunedValues(self.masks, [t.name for t in self.targets]) \
             if self.criterion.regrows else None
         self.criterion.bind(model, self.targets)
+        # The first forwards after the first mask update check that step() was called after
+        # optimizer.step(); then the hook goes, so the per-step path pays nothing.
+        self._armed = False
+        self._checks = 3
+        self._order_hook: RemovableHandle | None = model.register_forward_pre_hook(
+            _order_check(self))
 
     def _plan_channels(self, example_inputs: Any) -> ChannelPlan:
         """The channel groups the targets produce (see :func:`secateurs.graph.plan_channels`)."""
@@ -125,8 +139,40 @@ class Pruner:
         return plan_channels(self.model, self.targets, example_inputs)
 
     def close(self) -> None:
-        """Detach the criterion's statistics hooks, if any (masks stay as they are)."""
+        """Detach the criterion's statistics hooks and the order check (masks stay)."""
         self.criterion.close()
+        self.close_order_check()
+
+    def _check_order(self, module: nn.Module, args: Any) -> None:
+        """On the first forwards after the first mask update: masked weights must be zero,
+        or ``step()`` ran before ``optimizer.step()`` and the model computes with them."""
+        if not self._armed:
+            return
+        leaked = self._leaked()
+        if leaked:
+            warnings.warn(
+                f"{sum(leaked.values())} masked weights are non-zero in the forward pass "
+                f"({', '.join(f'{n}: {k}' for n, k in list(leaked.items())[:3])}): call "
+                "pruner.step() right after optimizer.step(), not before it, so that the "
+                "pruned weights are zero when the model runs", RuntimeWarning, stacklevel=2)
+        self._checks -= 1
+        if leaked or self._checks <= 0:  # the order of a loop does not change: stop looking
+            self.close_order_check()
+
+    def close_order_check(self) -> None:
+        """Stop checking that masked weights are zero in the forward pass."""
+        if self._order_hook is not None:
+            self._order_hook.remove()
+            self._order_hook = None
+
+    def _leaked(self) -> dict[str, int]:
+        """Target name -> masked entries whose weight is not zero."""
+        out = {}
+        for t in self.targets:
+            n = int(((t.param.detach() != 0) & ~self.masks[t.name]).sum())
+            if n:
+                out[t.name] = n
+        return out
 
     def __enter__(self) -> Pruner:
         return self
@@ -197,13 +243,15 @@ class Pruner:
         else:
             scores = {t.name: self.criterion.score(t) for t in self.targets}
             previous = None if self.criterion.regrows else self.masks
-            new = select(scores, sparsity, self.granularity, self.scope, previous)
+            new = select_targets(self.targets, scores, sparsity, self.granularity, self.scope,
+                                 previous)
         if self._pruned_values is not None:
             self._pruned_values.record_()
         for name, mask in new.items():
             self.masks.set_(name, mask)
         self.masks.apply_()
         self._applied = sparsity
+        self._armed = True
 
     def _select_channels(self, plan: ChannelPlan, sparsity: Mapping[str, float]
                          ) -> dict[str, torch.Tensor]:
@@ -289,19 +337,35 @@ class Pruner:
         return self._step
 
     def sparsity(self, name: str | None = None) -> float:
-        """Realised sparsity (fraction of masked elements) over all targets, or of ``name``."""
-        if name is None:
-            return self.masks.sparsity(t.name for t in self.targets)
-        mask = self.masks[name]
-        return 1.0 - int(mask.sum()) / mask.numel()
+        """Realised sparsity over all targets, or of ``name``: the fraction of elements that
+        are masked *and* zero in the weights, so it says what the model computes with.
+
+        Warns (``RuntimeWarning``) when masked weights are non-zero, which happens when
+        :meth:`step` runs before ``optimizer.step()`` instead of after it.
+        """
+        names = [t.name for t in self.targets] if name is None else [name]
+        total = pruned = 0
+        leaked = 0
+        for n in names:
+            mask = self.masks[n]
+            zero = self.masks.target(n).param.detach() == 0
+            total += mask.numel()
+            pruned += int((zero & ~mask).sum())
+            leaked += int((~zero & ~mask).sum())
+        if leaked:
+            warnings.warn(f"{leaked} masked weights are non-zero, so the realised sparsity "
+                          "is below the masks': call pruner.step() right after "
+                          "optimizer.step()", RuntimeWarning, stacklevel=2)
+        return pruned / total if total else 0.0
 
     def summary(self) -> Summary:
         """Per-target table: shape, parameters, non-zeros, sparsity."""
         rows = []
         for t in self.targets:
             p = t.param.detach()
+            pruned = int(((p == 0) & ~self.masks[t.name]).sum())
             rows.append(TargetSummary(t.name, tuple(p.shape), p.numel(),
-                                      int(torch.count_nonzero(p)), self.sparsity(t.name)))
+                                      int(torch.count_nonzero(p)), pruned / p.numel()))
         return Summary(rows)
 
     # -- checkpointing -----------------------------------------------------------------
@@ -336,6 +400,18 @@ class Pruner:
         self._step = step
         applied = state["applied"]
         self._applied = None if applied is None else dict(applied)
+
+
+def _order_check(pruner: Pruner) -> Callable[[nn.Module, Any], None]:
+    # A plain function holding a weak reference: copying the model (deepcopy copies a bound
+    # method's owner) must not copy the pruner, nor keep it alive.
+    ref = weakref.ref(pruner)
+
+    def hook(module: nn.Module, args: Any) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._check_order(module, args)
+    return hook
 
 
 @dataclass(frozen=True)

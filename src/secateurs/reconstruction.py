@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from . import validation as check
+
 _MAX_DAMPING_STEPS = 8
 
 
@@ -104,14 +106,9 @@ class Reconstruction:
     refine: int = 20
 
     def __post_init__(self) -> None:
-        p = self.percdamp
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) \
-                or p < 0:
-            raise ValueError(f"percdamp must be a finite number >= 0, got {p!r}")
-        for name, minimum in (("block_size", 1), ("refine", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        check.number("percdamp", self.percdamp, low=0.0)
+        check.integer("block_size", self.block_size, low=1)
+        check.integer("refine", self.refine, low=0)
 
     def __call__(self, weight: torch.Tensor, mask: torch.Tensor,
                  hessian: torch.Tensor) -> Reconstructed:

@@ -17,6 +17,7 @@ import torch
 
 from . import validation as check
 from .schedules import Schedule, as_schedule
+from .targets import Target
 
 SCOPES = ("row", "layer", "global")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -230,6 +231,24 @@ def select(
     else:
         keeps = {name: _keep_lowest_out(u, _count(sparsity[name], u)) for name, u in units.items()}
     return {name: _expand(keeps[name], scores[name].shape, granularity) for name in scores}
+
+
+def select_targets(
+    targets: Sequence[Target],
+    scores: Mapping[str, torch.Tensor],
+    sparsity: Mapping[str, float],
+    granularity: Granularity,
+    scope: str,
+    previous: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`select` over targets, each seen as rows of outputs (:meth:`Target.rows`), so
+    N:M groups and row scope run along the real input dimension of a transposed linear
+    layer (GPT-2's ``Conv1D``) too. Scores and masks are shaped like the parameters."""
+    by_name = {t.name: t for t in targets}
+    rows = {n: by_name[n].rows(s) for n, s in scores.items()}
+    before = None if previous is None else {n: by_name[n].rows(previous[n]) for n in scores}
+    masks = select(rows, sparsity, granularity, scope, before)
+    return {n: by_name[n].rows(m) for n, m in masks.items()}
 
 
 def _count(s: float, units: torch.Tensor) -> int:

@@ -109,7 +109,7 @@ def one_shot_statistics(rank: int, world: int) -> dict[str, Any]:
     """Each rank calibrates on its shard; the all-reduced statistics equal one process's
     statistics over every batch, and so do the contribution scores made from them."""
     model, _, _ = build("magnitude")
-    targets = sc.resolve_targets(model)
+    targets = sc.targets.resolve_targets(model)
     local = GLOBAL_BATCH // world
     shards = [x[rank * local:(rank + 1) * local] for x, _ in batches()]
     stats = calibrate(model, shards, targets, progress=False)
@@ -139,10 +139,10 @@ def round_trip(out: Path, rank: int) -> dict[str, Any]:
     assert optimizer is not None
     torch.manual_seed(100 + rank)  # distinct RNG streams per rank, restored per rank
     rng_at_save = torch.get_rng_state()
-    distributed.save(out / "ddp.safetensors", model, pruner, optimizer)
+    checkpoint.save_distributed(out / "ddp.safetensors", model, pruner, optimizer)
     torch.manual_seed(999)
     fresh, fresh_optimizer, fresh_pruner = build("magnitude")
-    distributed.load(out / "ddp.safetensors", fresh, fresh_pruner, fresh_optimizer)
+    checkpoint.load_distributed(out / "ddp.safetensors", fresh, fresh_pruner, fresh_optimizer)
     return {
         "weights_equal": digest(fresh.state_dict()) == digest(model.state_dict()),
         "masks_equal": digest(dict(fresh_pruner.masks)) == digest(dict(pruner.masks)),

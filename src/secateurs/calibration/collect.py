@@ -200,7 +200,7 @@ def calibrate(
     """
     resolved = _targets(model, targets)
     maps = {t.name: feature_map(t.name, t.module) for t in resolved}
-    stats = {t.name: InputStats.empty(t.param[0].numel(), powers, hessian, t.param.device)
+    stats = {t.name: InputStats.empty(t.row_shape[1:].numel(), powers, hessian, t.param.device)
              for t in resolved}
     seen: set[str] = set()
 

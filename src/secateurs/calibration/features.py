@@ -1,6 +1,7 @@
 """Input features of a layer, as its weight sees them.
 
-A layer's weight, flattened to ``(out, F)`` with ``weight.flatten(1)``, multiplies an input
+A layer's weight, flattened to ``(out, F)`` with ``weight.flatten(1)`` (after
+:meth:`~secateurs.targets.Target.rows` for a transposed linear layer), multiplies an input
 feature vector of length ``F``: the last dimension of a ``nn.Linear`` input, or one
 unfolded patch (``in_channels * kh * kw``, channel slowest) of a convolution input. The
 statistics of :mod:`secateurs.calibration` are per input feature, so each supported layer
@@ -16,6 +17,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..targets import is_transposed_linear
 
 
 class FeatureMap(Protocol):
@@ -99,8 +102,9 @@ class _ConvMap:
         return out, xp.shape[0] * locations
 
 
+_LINEAR = _LinearMap()
 _REGISTRY: dict[type[nn.Module], FeatureMap] = {
-    nn.Linear: _LinearMap(),
+    nn.Linear: _LINEAR,
     nn.Conv1d: _ConvMap(),
     nn.Conv2d: _ConvMap(),
 }
@@ -118,6 +122,8 @@ def feature_map(name: str, module: nn.Module) -> FeatureMap:
         TypeError: if no map is registered for the module's type or any of its bases.
         ValueError: for a grouped convolution, whose patches differ between groups.
     """
+    if is_transposed_linear(module):
+        return _LINEAR  # GPT-2's Conv1D: y = x @ W + b, features along x's last dimension
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
             if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:

@@ -6,20 +6,24 @@ by the number of batches: each batch is reduced as it arrives and then dropped.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import validation as check
+
 DEFAULT_POWERS: tuple[float, ...] = (1.0, 2.0)
 
 
 def check_power(p: object) -> float:
-    """Return ``p`` as a float, or raise unless it is a finite number ``>= 1``."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
-        raise ValueError(f"p must be a finite number >= 1 (1: sum |w x|, 2: Wanda), got {p!r}")
-    return float(p)
+    """Return ``p``, the power of the input norm (1: ``sum |w x|``, 2: Wanda), as a float.
+
+    Raises:
+        ArgumentTypeError: if ``p`` is not a real number.
+        ValueError: unless it is a finite number ``>= 1``.
+    """
+    return check.number("p", p, low=1.0)
 
 
 @dataclass

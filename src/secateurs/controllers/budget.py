@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..schedules import Schedule
-from .level import LevelController, _Controlled
+from .level import ControlledSchedule, LevelController
 
 __all__ = ["Allocation", "Budget"]
 
@@ -35,7 +35,7 @@ class Budget(LevelController):
     Give :attr:`sparsity` to the :class:`~secateurs.Pruner`; it is a schedule (one overall
     sparsity, the same for every target) or, with ``allocation``, a mapping target name ->
     schedule, the per-layer sparsities the allocation derives from the overall one (e.g.
-    :meth:`secateurs.sensitivity.Sensitivity.allocate`). See :class:`LevelController` for
+    :meth:`secateurs.controllers.Sensitivity.allocate`). See :class:`LevelController` for
     the decisions.
 
     Args:
@@ -66,11 +66,12 @@ class Budget(LevelController):
         return self._shares[level]
 
     @property
-    def sparsity(self) -> Schedule | dict[str, Schedule]:
-        """What the pruner reads: one schedule, or target name -> schedule."""
+    def sparsity(self) -> ControlledSchedule | dict[str, ControlledSchedule]:
+        """What the pruner reads: one schedule, or target name -> schedule (each a
+        :class:`~secateurs.controllers.level.ControlledSchedule`)."""
         if self.names is None:
-            return _Controlled(self)
-        return {name: _Controlled(self, name) for name in self.names}
+            return ControlledSchedule(self)
+        return {name: ControlledSchedule(self, name) for name in self.names}
 
     def value(self, step: int, name: str | None = None) -> float:
         level = self.level(step)
@@ -86,4 +87,4 @@ class Budget(LevelController):
         # The pruner recomputes masks only every ``update_every`` steps: the level counts as
         # reached once the masks were last computed for the current targets.
         assert self._pruner is not None
-        return self._pruner.state_dict()["applied"] == self._pruner.target_sparsity()
+        return self._pruner.caught_up()

@@ -20,13 +20,13 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from torch.optim.lr_scheduler import LRScheduler
 
 from ..lr import ScheduledLR, rewind_
 from ..pruner import Pruner
+from ..validation import choice, instance, integer, optional
 from .plateau import Plateau
 
 __all__ = ["PruneLR"]
@@ -50,21 +50,21 @@ class PruneLR:
         plateau: A plateau controller whose memory a warm restart clears.
 
     Raises:
+        ArgumentTypeError: (a ``TypeError`` and a ``ValueError``) for a ``mode`` that is not
+            a string, a ``to_step`` that is not an integer or a ``plateau`` that is not a
+            :class:`~secateurs.controllers.Plateau`.
         ValueError: for an unknown mode or a negative ``to_step``.
     """
 
     def __init__(self, pruner: Pruner, scheduler: ScheduledLR | LRScheduler, *,
                  mode: Literal["rewind", "restart"] = "rewind", to_step: int = 0,
                  plateau: Plateau | None = None) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if isinstance(to_step, bool) or not isinstance(to_step, int) or to_step < 0:
-            raise ValueError(f"to_step must be an integer >= 0, got {to_step!r}")
+        self.mode = choice("mode", mode, _MODES)
+        self.to_step = integer("to_step", to_step, low=0)
+        self.plateau = optional(instance, "plateau", plateau, types=Plateau,
+                                what="a secateurs.controllers.Plateau or None")
         self.pruner = pruner
         self.scheduler = scheduler
-        self.mode = mode
-        self.to_step = to_step
-        self.plateau = plateau
         self.events = 0
 
     def __call__(self, step: int) -> dict[str, float]:
@@ -85,9 +85,7 @@ class PruneLR:
         if isinstance(self.scheduler, ScheduledLR):
             self.scheduler.scale = 1.0
         if self.plateau is not None:
-            self.plateau.best = math.inf if self.plateau.mode == "min" else -math.inf
-            self.plateau.num_bad_epochs = 0
-            self.plateau.cooldown_counter = 0
+            self.plateau.reset()
 
     def state_dict(self) -> dict[str, Any]:
         """The number of prune events seen."""

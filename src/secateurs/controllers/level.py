@@ -3,7 +3,7 @@
 :class:`LevelController` owns a level (a sparsity, a threshold) that a schedule raises
 while a validation metric stays within a budget of a baseline; :class:`~.budget.Budget`
 and :class:`~.threshold.ThresholdAdapter` are its two uses. It hands the level to the
-:class:`~secateurs.Pruner` as a :class:`~secateurs.schedules.Schedule` whose value it
+:class:`~secateurs.Pruner` as a :class:`ControlledSchedule`, a schedule whose value it
 controls, so the pruner needs no hook: it reads the schedule at every mask update.
 """
 
@@ -22,8 +22,10 @@ import torch
 
 from ..pruner import Pruner
 from ..schedules import Schedule
+from ..validation import ArgumentTypeError, boolean, instance, integer, number
 
-__all__ = ["Decision", "LevelController", "Observation", "Outcome", "read_metric"]
+__all__ = ["ControlledSchedule", "Decision", "LevelController", "Observation", "Outcome",
+           "read_metric"]
 
 
 class Stateful(Protocol):
@@ -52,7 +54,8 @@ def read_metric(metrics: Mapping[str, float] | float | torch.Tensor, key: str) -
 
     Raises:
         ValueError: if ``key`` is missing (naming the keys present) or the value is NaN.
-        TypeError: if ``metrics`` is neither a mapping nor a number.
+        ArgumentTypeError: (a ``TypeError``) if ``metrics`` is neither a mapping nor a
+            number.
     """
     value: object
     if isinstance(metrics, Mapping):
@@ -63,8 +66,11 @@ def read_metric(metrics: Mapping[str, float] | float | torch.Tensor, key: str) -
         value = metrics
     if isinstance(value, torch.Tensor):
         value = value.item()
+    # Not validation.number: an infinite metric (a diverged loss) is a measurement to act
+    # on, outside any budget, not a bad argument.
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"metric {key!r} must be a real number, got {type(value).__name__}")
+        raise ArgumentTypeError(f"metric {key!r} must be a real number, got "
+                                f"{type(value).__name__} {value!r}")
     if math.isnan(value):
         raise ValueError(f"metric {key!r} is NaN")
     return float(value)
@@ -106,27 +112,34 @@ class Outcome:
     message: str
 
 
-def _number(name: str, value: object, low: float, high: float = math.inf, *,
-            open_low: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    out = float(value)
-    if out < low or out > high or (open_low and out == low):
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}")
-    return out
+class ControlledSchedule(Schedule):
+    """A schedule whose value its controller decides: ``controller.value(step, name)``.
 
+    What a controller (:class:`~secateurs.controllers.Budget`,
+    :class:`~secateurs.controllers.ThresholdAdapter`) hands to the
+    :class:`~secateurs.Pruner` or a criterion in place of a plain schedule: the pruner reads
+    it at every mask update as it reads any schedule, and the controller advances, holds
+    and rewinds it from measured metrics. It is therefore not a pure function of the step.
 
-class _Controlled(Schedule):
-    """A schedule whose value is what its controller says: ``controller.value(step, name)``.
-
-    Not a pure function of the step: the controller advances, holds and rewinds it.
+    Args:
+        owner: The controller deciding the value.
+        name: Which of the controller's values (a target name for per-target sparsities),
+            or ``None`` for its single level.
     """
 
     def __init__(self, owner: LevelController, name: str | None = None) -> None:
         self._owner = owner
         self._name = name
+
+    @property
+    def owner(self) -> LevelController:
+        """The controller deciding the value."""
+        return self._owner
+
+    @property
+    def name(self) -> str | None:
+        """Which of the controller's values this schedule gives (``None``: its level)."""
+        return self._name
 
     def _value(self, step: int) -> float:
         return self._owner.value(step, self._name)
@@ -170,6 +183,8 @@ class LevelController:
         resolution: Smallest gap between good and failed levels worth another probe.
 
     Raises:
+        ArgumentTypeError: (a ``TypeError`` and a ``ValueError``) for an argument of the
+            wrong type, naming it.
         ValueError: on any argument out of range, naming it.
     """
 
@@ -177,21 +192,16 @@ class LevelController:
                  relative: bool = False, metric: str = "accuracy",
                  higher_is_better: bool = True, patience: int = 2, backoff: float = 0.5,
                  resolution: float = 0.01) -> None:
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
-        self.schedule = schedule
-        self.baseline = _number("baseline", baseline, -math.inf)
-        self.tolerance = _number("tolerance", tolerance, 0.0)
-        self.relative = bool(relative)
-        self.metric = metric
-        self.higher_is_better = bool(higher_is_better)
-        self.patience = patience
-        self.backoff = _number("backoff", backoff, 0.0, 1.0, open_low=True)
-        if self.backoff == 1.0:
-            raise ValueError("backoff must be in (0, 1), got 1.0")
-        self.resolution = _number("resolution", resolution, 0.0, open_low=True)
+        self.schedule = instance("schedule", schedule, Schedule, "a secateurs Schedule")
+        self.baseline = number("baseline", baseline)
+        self.tolerance = number("tolerance", tolerance, low=0.0)
+        self.relative = boolean("relative", relative)
+        self.metric = instance("metric", metric, str, "a metric name (str)")
+        self.higher_is_better = boolean("higher_is_better", higher_is_better)
+        self.patience = integer("patience", patience, low=0)
+        self.backoff = number("backoff", backoff, low=0.0, high=1.0, low_open=True,
+                              high_open=True)
+        self.resolution = number("resolution", resolution, low=0.0, low_open=True)
         self._pruner: Pruner | None = None
         self._others: tuple[Stateful, ...] = ()
         self.ceiling = schedule.bounds()[1]

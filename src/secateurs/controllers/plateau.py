@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -12,6 +11,7 @@ from torch.optim import Optimizer
 
 from secateurs.controllers.level import read_metric
 from secateurs.lr import ScheduledLR
+from secateurs.validation import choice, instance, integer, number, optional
 
 __all__ = ["Plateau"]
 
@@ -19,17 +19,11 @@ _STATE_KEYS = ("best", "num_bad_epochs", "cooldown_counter", "num_observations")
 
 
 def _count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
+    return integer(name, value, low=0)
 
 
 def _non_negative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return number(name, value, low=0.0)
 
 
 class Plateau:
@@ -70,6 +64,8 @@ class Plateau:
 
     Raises:
         TypeError: If ``target`` is neither a ScheduledLR nor an optimizer.
+        ArgumentTypeError: (a ``TypeError`` and a ``ValueError``) for an argument of the
+            wrong type (``patience="3"``), naming it.
         ValueError: If an argument is out of range, or a bound is given for the
             other kind of target.
     """
@@ -89,23 +85,18 @@ class Plateau:
         eps: float = 1e-8,
         metric: str | None = None,
     ) -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if threshold_mode not in ("rel", "abs"):
-            raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
-        factor = _non_negative("factor", factor)
-        if not 0.0 < factor < 1.0:
-            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+        self.mode = choice("mode", mode, ("min", "max"))
+        self.threshold_mode = choice("threshold_mode", threshold_mode, ("rel", "abs"))
+        self.factor = number("factor", factor, low=0.0, high=1.0, low_open=True,
+                             high_open=True)
         self.target = target
-        self.mode = mode
-        self.factor = factor
         self.patience = _count("patience", patience)
         self.threshold = _non_negative("threshold", threshold)
-        self.threshold_mode = threshold_mode
         self.cooldown = _count("cooldown", cooldown)
         self.min_scale = _non_negative("min_scale", min_scale)
         self.eps = _non_negative("eps", eps)
-        self.metric = metric if metric is not None else ("loss" if mode == "min" else "accuracy")
+        named = optional(instance, "metric", metric, types=str, what="a metric name (str)")
+        self.metric = named if named is not None else ("loss" if mode == "min" else "accuracy")
         self._init_min_lrs(target, min_lr)
         self.best = math.inf if mode == "min" else -math.inf
         self.num_bad_epochs = 0
@@ -141,6 +132,13 @@ class Plateau:
         else:
             self._default_min_lr = _non_negative("min_lr", min_lr)
             self.min_lrs = [self._default_min_lr] * groups
+
+    def reset(self) -> None:
+        """Forget the best metric, the bad-epoch count and the cooldown (a warm restart);
+        the reductions already applied to the target stay."""
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.num_bad_epochs = 0
+        self.cooldown_counter = 0
 
     @property
     def in_cooldown(self) -> bool:

@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..schedules import Schedule
-from .level import LevelController, _Controlled
+from ..validation import instance
+from .level import ControlledSchedule, LevelController
 
 __all__ = ["ThresholdAdapter"]
 
@@ -45,6 +46,7 @@ class ThresholdAdapter(LevelController):
 
     def __init__(self, schedule: Schedule, *, resolution: float | None = None,
                  **options: Any) -> None:
+        schedule = instance("schedule", schedule, Schedule, "a secateurs Schedule")
         low, high = schedule.bounds()
         if not 0.0 <= low <= high < float("inf"):
             raise ValueError(f"the threshold schedule must stay finite and >= 0, got "
@@ -54,6 +56,6 @@ class ThresholdAdapter(LevelController):
         super().__init__(schedule, resolution=resolution, **options)
 
     @property
-    def threshold(self) -> Schedule:
+    def threshold(self) -> ControlledSchedule:
         """The threshold schedule to give to :class:`~secateurs.criteria.Clipping`."""
-        return _Controlled(self)
+        return ControlledSchedule(self)

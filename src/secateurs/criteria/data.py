@@ -193,9 +193,9 @@ class Contribution(DataCriterion):
         return hook
 
     def score(self, target: Target) -> torch.Tensor:
-        w = target.param.detach()
+        w = target.rows(target.param.detach())
         norm = self._statistic(target).pow(1.0 / self.p).to(w.device, w.dtype)
-        return w.abs() * norm.reshape(1, *w.shape[1:])
+        return target.rows(w.abs() * norm.reshape(1, *w.shape[1:]))
 
     def _options(self) -> dict[str, Any]:
         return {"p": self.p, **super()._options()}

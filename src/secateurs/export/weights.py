@@ -4,9 +4,10 @@ The handoff format between "find the mask" and "run it" is a dense tensor with z
 (torchao's sparsity README): :func:`save_pruned` writes the model's ``state_dict`` with
 every masked entry set to ``0.0``, a file any safetensors reader loads. :func:`load_pruned`
 reads such a file, from secateurs or from anyone else, and rebuilds the masks from the
-zeros (``mask = weight != 0``); :func:`adopt_masks_` hands them to a
-:class:`~secateurs.Pruner`, which then continues from that sparsity: its next updates nest
-inside the adopted masks, so nothing pruned comes back.
+zeros (``mask = weight != 0``); :meth:`Pruner.adopt_masks_ <secateurs.Pruner.adopt_masks_>`
+hands them to a :class:`~secateurs.Pruner`, which then continues from that sparsity: its
+next updates nest inside the adopted masks, so nothing pruned comes back
+(:func:`pruner_from_zeros` does both).
 
 A weight that is exactly zero without having been pruned is taken as pruned; in trained
 float weights that practically never happens, and it is what any reader of the file sees.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_state_dict, write_atomic
-from ..checkpoint import read_header as _read_header
+from ..checkpoint import CheckpointError, check_state_dict, read_header, write_atomic
 from ..criteria import Criterion
 from ..pruner import Pruner, SparsitySpec
 from ..targets import TargetSpec, resolve_targets
@@ -136,7 +137,7 @@ def load_pruned(
         CheckpointError: (a ``ValueError``) for a truncated or unreadable file, or one that
             does not fit the model; the model is not changed.
     """
-    header = _read_header(Path(path))
+    header = read_header(Path(path))
     try:
         state = safetensors.torch.load_file(path)
     except Exception as err:  # the Rust reader raises its own error type
@@ -152,26 +153,15 @@ def load_pruned(
     return masks_from_zeros(model, names)
 
 
-@torch.no_grad()
 def adopt_masks_(pruner: Pruner, masks: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Make ``pruner`` continue from masks found elsewhere.
-
-    Its masks become ``masks`` (default: ``weight != 0`` of each of its targets); masked
-    weights and their optimizer state are zeroed. Its later updates nest inside these
-    masks (scope and schedule as built), so a schedule may start at the adopted sparsity.
+    """Deprecated: call ``pruner.adopt_masks_(masks)`` (:meth:`secateurs.Pruner.adopt_masks_`).
 
     Raises:
         ValueError: for masks that do not fit the pruner's targets (nothing is changed).
     """
-    if masks is None:
-        masks = {t.name: t.param.detach() != 0 for t in pruner.targets}
-    _check_masks(masks, {n: m.shape for n, m in pruner.masks.items()}, "targets of the pruner")
-    for name, mask in masks.items():
-        pruner.masks.set_(name, mask.clone())
-    pruner.masks.apply_()
-    # The same rule as Pruner.step: regrowing criteria keep their optimizer state.
-    if pruner.optimizer is not None and not pruner.criterion.regrows:
-        pruner.masks.apply_to_optimizer_(pruner.optimizer)
+    warnings.warn("secateurs.export.adopt_masks_(pruner, masks) moved to the method "
+                  "secateurs.Pruner.adopt_masks_(masks)", DeprecationWarning, stacklevel=2)
+    pruner.adopt_masks_(masks)
 
 
 def pruner_from_zeros(model: nn.Module, sparsity: SparsitySpec = None,
@@ -185,5 +175,5 @@ def pruner_from_zeros(model: nn.Module, sparsity: SparsitySpec = None,
         pruner = pruner_from_zeros(model, sparsity=Linear(0.5, 0.8, end_step=1000))
     """
     pruner = Pruner(model, sparsity, criterion, **options)
-    adopt_masks_(pruner)
+    pruner.adopt_masks_()
     return pruner
