@@ -85,13 +85,21 @@ def test_schedules_leaving_zero_one_are_refused_before_any_step(initial: float, 
 
 
 @given(st.one_of(st.floats(allow_nan=True), st.integers(-5, 5), st.booleans()),
-       st.floats(0.1, 2), st.integers(0, 3))
+       st.one_of(st.floats(0.1, 2), st.floats(-2, 0), st.just(math.nan)), st.integers(0, 3))
 def test_schedule_arguments_refused_with_their_name(initial: Any, rate: float, steps: int
                                                     ) -> None:
-    try:
+    bad = [name for name, is_bad in (
+        ("initial", isinstance(initial, bool) or not math.isfinite(initial)),
+        ("decay_rate", not rate > 0),
+        ("decay_steps", steps < 1),
+    ) if is_bad]
+    if not bad:
+        schedule = Exponential(initial, rate, decay_steps=steps)
+        assert schedule(0) == initial and schedule.decay_rate == rate
+        return
+    # The message names one of the bad arguments (whichever is checked first).
+    with pytest.raises((ValueError, TypeError), match="|".join(bad)):
         Exponential(initial, rate, decay_steps=steps)
-    except (ValueError, TypeError) as err:
-        assert re.search(r"initial|decay_rate|decay_steps", str(err)), err
 
 
 @given(st.one_of(st.integers(max_value=0), st.floats(0.5, 3), st.booleans(), st.text(max_size=2)))

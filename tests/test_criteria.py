@@ -10,6 +10,7 @@ import torch
 from conftest import train_steps
 from secateurs import Pruner, available_criteria, register_criterion
 from secateurs.criteria import Criterion, Magnitude, get_criterion
+from secateurs.criteria import base as criteria_base
 from secateurs.targets import resolve_targets
 
 
@@ -61,18 +62,40 @@ def test_options_only_with_a_name():
         get_criterion(Magnitude(), seed=1)
 
 
-def test_user_criteria_register_and_run(mlp):
+@pytest.fixture
+def registry():
+    """Snapshot the criterion registry and restore it afterwards, so a criterion a test
+    registers does not leak into later tests (or into the conformance matrix)."""
+    saved = dict(criteria_base._REGISTRY)
+    yield criteria_base._REGISTRY
+    criteria_base._REGISTRY.clear()
+    criteria_base._REGISTRY.update(saved)
+
+
+def test_user_criteria_register_and_run(mlp, registry):
     @register_criterion("test-negated-magnitude")
     class Negated(Criterion):
         def score(self, target):
             return -target.param.detach().abs()
 
+    assert "test-negated-magnitude" in available_criteria()
     pruner = Pruner(mlp, 0.5, "test-negated-magnitude")
+    before = {t.name: t.param.detach().clone() for t in pruner.targets}
     pruner.step()
-    t = pruner.targets[0]
-    # Keeping the lowest magnitudes: every surviving weight is smaller than any pruned one
-    # was, so the survivors' largest value is below the layer's median magnitude.
-    assert t.param.abs().max() < 1.0
+    # Scope 'layer': within each target the kept scores dominate the pruned ones, so every
+    # kept weight was at most as large in magnitude as every pruned one.
+    for t in pruner.targets:
+        mask, w = pruner.masks[t.name], before[t.name]
+        assert 0 < int((~mask).sum()) < mask.numel()
+        assert w.abs()[mask].max() <= w.abs()[~mask].min(), t.name
+        assert torch.all(t.param[~mask] == 0)
+        assert torch.equal(t.param[mask], w[mask])
     assert isinstance(get_criterion("test-negated-magnitude"), Negated)
     with pytest.raises(ValueError, match="already registered"):
         register_criterion("magnitude")(Negated)
+    assert registry["magnitude"] is Magnitude
+
+
+def test_the_registry_fixture_removes_what_a_test_registered():
+    # Runs after test_user_criteria_register_and_run (file order): its criterion is gone.
+    assert "test-negated-magnitude" not in available_criteria()

@@ -119,7 +119,22 @@ def test_sparsity_never_falls_below_what_previous_pruned():
 
 @given(weight(), st.integers(0, 2**16))
 def test_nm_layout_round_trips(w, seed):
-    m = w.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    # A group size M drawn among the divisors of the input width, and a fresh tensor of
+    # distinct values from the same generator, so a layout mixing up positions shows.
+    divisors = [d for d in range(1, w.shape[1] + 1) if w.shape[1] % d == 0]
+    m = divisors[int(torch.randint(len(divisors), (), generator=gen))]
+    x = torch.randperm(w.numel(), generator=gen).reshape(w.shape).float()
+    groups = nm_layout(x, m)
+    assert groups.shape == (x.numel() // m, m)
+    assert torch.equal(nm_unlayout(groups, x.shape), x)
+    # Each group holds M consecutive inputs, in order, of one output row and kernel position.
+    coords = torch.stack(torch.unravel_index(torch.arange(x.numel()), x.shape), -1)
+    where = coords[nm_layout(torch.arange(x.numel()).reshape(x.shape), m)]  # (groups, m, ndim)
+    others = [d for d in range(x.dim()) if d != 1]
+    assert torch.all(where[:, :, others] == where[:, :1, others])
+    assert torch.all(where[:, :, 1] == where[:, :1, 1] + torch.arange(m))
+    assert torch.all(where[:, 0, 1] % m == 0)
     assert torch.equal(nm_unlayout(nm_layout(w, m), w.shape), w)
 
 

@@ -55,7 +55,8 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 f"mask for {name!r} must be torch.bool of shape {tuple(old.shape)}, got "
                 f"{mask.dtype} of shape {tuple(mask.shape)}"
             )
-        self._masks[name] = mask.to(old.device)
+        # A copy: a caller editing its tensor later must not change what is enforced.
+        self._masks[name] = mask.to(old.device, copy=True)
         if bool(mask.all()):
             self._dense.add(name)
         else:

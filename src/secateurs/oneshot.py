@@ -249,9 +249,16 @@ def _plan(model: nn.Module, sparsity: float | Mapping[str, float] | None,
                          "calibration=[batch, ...]")
     batches = None if calibration is None else check_batches(calibration)
     names = [t.name for t in resolved]
-    schedules = resolve_sparsity(names, sparsity, gran, scope, schedules=False)
-    return _Plan(model, resolved, {n: float(s(0)) for n, s in schedules.items()}, crit,
-                 batches, gran, scope, reconstruct, request, progress)
+    if crit.policy is not None:
+        if sparsity is not None or gran.kind != "element":
+            raise ValueError(f"criterion {crit!r} selects by threshold: pass sparsity=None "
+                             f"(got {sparsity!r}) and granularity 'element' (got {gran})")
+        levels: dict[str, float] = {}
+    else:
+        schedules = resolve_sparsity(names, sparsity, gran, scope, schedules=False)
+        levels = {n: float(s(0)) for n, s in schedules.items()}
+    return _Plan(model, resolved, levels, crit, batches, gran, scope, reconstruct, request,
+                 progress)
 
 
 def _prune_channels(plan: _Plan, sequential: bool, start: float) -> PruneReport:
@@ -314,8 +321,13 @@ def _prune_stage(plan: _Plan, stage: str, group: list[Target], later: list[Targe
     tic = time.perf_counter()
     stats = _statistics(plan, group, later, report)
     scores = {t.name: plan.criterion.score(t) for t in group}
-    masks = select_targets(group, scores, {t.name: plan.sparsity[t.name] for t in group},
-                           plan.granularity, plan.scope)
+    policy = plan.criterion.policy
+    if policy is not None:  # by threshold, from dense: what scores below it goes
+        masks = policy.select(scores, {n: torch.ones_like(s, dtype=torch.bool)
+                                       for n, s in scores.items()}, 0)
+    else:
+        masks = select_targets(group, scores, {t.name: plan.sparsity[t.name] for t in group},
+                               plan.granularity, plan.scope)
     report.calibration_seconds += time.perf_counter() - tic
     tic = time.perf_counter()
     new: dict[str, torch.Tensor] = {}

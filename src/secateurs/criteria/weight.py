@@ -32,7 +32,7 @@ class Random(Criterion):
     """
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
+        self.seed = check.integer("seed", seed, low=0)
         self._gen = torch.Generator().manual_seed(seed)
 
     def score(self, target: Target) -> torch.Tensor:
@@ -78,6 +78,8 @@ class Clipping(Criterion):
     def __post_init__(self) -> None:
         self.margin = check.number("margin", self.margin, low=0.0)
         if self.threshold is not None:
+            if not isinstance(self.threshold, Schedule):
+                self.threshold = check.number("threshold", self.threshold, low=0.0)
             low, _ = as_schedule(self.threshold).bounds()
             if not low >= 0:
                 raise ValueError(f"threshold must be >= 0 at every step, got {self.threshold!r}")
