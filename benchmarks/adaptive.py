@@ -35,10 +35,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch import nn
 
-import secateurs as sc
 from secateurs.criteria import Contribution, Criterion, Magnitude, Random
 from secateurs.oneshot import prune_
 from secateurs.reconstruction import Reconstruction
+from secateurs.targets import resolve_targets
 
 Batch = dict[str, torch.Tensor]
 COMMAND = "python benchmarks/adaptive.py"
@@ -194,7 +194,7 @@ class Bench:
 def hook_overhead(model: nn.Module, batch: Batch, steps: int) -> tuple[float, float]:
     """Median seconds of a training forward + backward without and with the Contribution
     statistics hooks a Pruner attaches (interleaved, so machine noise hits both)."""
-    targets = sc.resolve_targets(model, is_encoder_linear)
+    targets = resolve_targets(model, is_encoder_linear)
     crit = Contribution(p=2)
     model.train()
     plain: list[float] = []
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     overhead = hook_overhead(model, bench.calib[len(bench.calib) // 2], 3 if args.quick else 10)
     seeds = p_choice(tokenizer, model, texts, args)
     loads.append(load())
-    targets = sc.resolve_targets(model, is_encoder_linear)
+    targets = resolve_targets(model, is_encoder_linear)
     counts = (len(calib_text), len(held_text), len(texts), len(targets),
               sum(t.param.numel() for t in targets), sum(p.numel() for p in model.parameters()))
     lines = report(args, rows, variants, timing, overhead, loads, counts) + seeds

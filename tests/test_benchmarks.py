@@ -33,6 +33,7 @@ def load(name: str) -> ModuleType:
 
 so = load("step_overhead")
 run_all = load("run_all")
+imports = load("imports")
 ROWS = [(m, v) for m in so.WORKLOADS for v in so.VARIANTS]
 
 
@@ -149,3 +150,38 @@ def test_run_all_finds_scripts_and_gathers_sections_in_name_order(tmp_path: Path
     assert "medians on a shared, noisy" in text and "same run" in text
     assert text.index("## A") < text.index("## B") and "not a section" not in text
     assert text.endswith("second\n")
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    """Body rows of the first markdown table in ``text``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    body = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    return [[c.strip() for c in line.strip("|").split("|")] for line in body[2:]]
+
+
+def test_imports_table_gives_differences_and_ratios_against_the_baseline() -> None:
+    timings = {imports.BASELINE: imports.Timing([2.0, 1.0, 3.0], [2.0, 2.0, 2.0]),
+               "import secateurs": imports.Timing([0.5, 0.5, 9.0], [1.0, 1.0, 1.0])}
+    rows = markdown_rows(imports.table(timings))
+    assert rows[0] == [f"`{imports.BASELINE}`", "2.000 s", "2.000 s", "+0.000 s", "1.00x",
+                       "+0.000 s", "1.00x"]
+    assert rows[1] == ["`import secateurs`", "0.500 s", "1.000 s", "-1.500 s", "0.25x",
+                       "-1.000 s", "0.50x"]
+
+
+@pytest.mark.slow
+def test_imports_benchmark_times_every_command_in_fresh_processes(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(BENCHMARKS / "imports.py"), "--repeats", "1",
+                    "--results-dir", str(tmp_path)], check=True, capture_output=True, text=True,
+                   timeout=300)
+    report = (tmp_path / "imports.md").read_text()
+    assert report.startswith("## ") and "`python benchmarks/imports.py --repeats 1`" in report
+    rows = markdown_rows(report)
+    names = [f"`{name}`" for name in imports.commands()]
+    assert [r[0] for r in rows] == names
+    assert {"`import torch, torch_pruning, safetensors`", "`import secateurs`",
+            "`secateurs --help`"} <= set(names)
+    for row in rows:
+        positive(row[1].removesuffix(" s")), positive(row[2].removesuffix(" s"))
+    assert rows[0][3:] == ["+0.000 s", "1.00x", "+0.000 s", "1.00x"]

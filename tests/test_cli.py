@@ -8,7 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from secateurs import cli
 from secateurs.cli import COMMANDS, build_parser, main
+from secateurs.controllers.sensitivity import DEFAULT_SPARSITIES
 from secateurs.tasks import ClassificationTask, available_tasks, get_task
 from secateurs.tasks.digits import DigitsCNN, load_digits_splits, split_indices
 
@@ -60,6 +62,14 @@ def test_demo_arguments_parse_to_their_values() -> None:
     defaults = build_parser().parse_args(["demo"])
     assert (defaults.quick, defaults.epochs, defaults.seed, defaults.out) == \
         (False, None, 0, "runs")
+
+
+def test_help_constants_match_the_library() -> None:
+    """``--help`` names tasks and defaults without importing them: they must agree."""
+    assert set(cli.BUILTIN_TASKS) <= set(available_tasks())
+    assert cli.SENSITIVITY_SPARSITIES == DEFAULT_SPARSITIES
+    args = build_parser().parse_args(["sensitivity"])
+    assert args.sparsities == list(DEFAULT_SPARSITIES)
 
 
 # -- the digits split ----------------------------------------------------------------------

@@ -89,7 +89,7 @@ def test_per_layer_sparsity_and_shared_groups_take_the_largest() -> None:
     torch.manual_seed(0)
     model = models.ResNetLike((4, 8), blocks=1, classes=3)
     x = torch.randn(1, 3, 8, 8)
-    names = [t.name for t in sc.resolve_targets(model)]
+    names = [t.name for t in sc.targets.resolve_targets(model)]
     sparsity = dict.fromkeys(names, 0.25)
     sparsity["stages.1.shortcut.0.weight"] = 0.5  # shares its group with stages.1.body.3
     pruner = sc.Pruner(model, sparsity, "l1", granularity="channel", example_inputs=x)

@@ -5,7 +5,7 @@ import re
 import pytest
 from torch import nn
 
-from secateurs import resolve_targets
+from secateurs.targets import resolve_targets
 
 
 def names(model, spec):

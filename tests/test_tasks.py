@@ -90,7 +90,7 @@ def test_classification_task_trains_one_epoch_deterministically() -> None:
     assert steps[:task.steps_per_epoch] == list(range(task.steps_per_epoch))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert set(task.evaluate(model, "test")) == {"accuracy"}
-    with pytest.raises(ValueError, match="split must be 'train', 'val' or 'test'"):
+    with pytest.raises(ValueError, match="split must be one of 'train', 'val', 'test', got "):
         task.evaluate(model, "holdout")
 
 

@@ -2,8 +2,8 @@
 
 Each subcommand is a :class:`Command` in :data:`COMMANDS`: a function adding its
 arguments to its parser and a function running it, which returns the exit status.
-Heavy modules (torch models, matplotlib) are imported when a command runs, so
-``--help`` answers at once.
+The parser is built from plain data in this module; torch, the tasks, the search and the
+reports are imported only when a command runs, so ``--help`` answers at once.
 
 Example:
     $ secateurs demo --quick
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import shlex
 import sys
@@ -22,8 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from . import __version__
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -112,10 +111,15 @@ def _option(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+#: Tasks that ship with secateurs (``secateurs.tasks.available_tasks()`` lists them, with any
+#: registered since; they are named here so that ``--help`` need not import torch).
+BUILTIN_TASKS = ("digits", "mnist1d")
+
+
 def _task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="digits", metavar="NAME",
-                        help="a built-in task (digits, mnist1d) or module:function returning "
-                             "a secateurs.tasks.Task (default: digits)")
+                        help=f"a built-in task ({', '.join(BUILTIN_TASKS)}) or module:function "
+                             "returning a secateurs.tasks.Task (default: digits)")
     parser.add_argument("--option", type=_option, action="append", default=[],
                         metavar="KEY=VALUE", help="an option of the task's factory, e.g. "
                                                   "channels=128 for mnist1d (repeatable)")
@@ -249,12 +253,16 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
-    from .sensitivity import DEFAULT_SPARSITIES
+#: Default of ``secateurs sensitivity --sparsities``: the library's own
+#: ``DEFAULT_SPARSITIES`` (a test keeps them equal), spelt here for a torch-free ``--help``.
+SENSITIVITY_SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
+
+def _sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
     _task_arguments(parser)
-    parser.add_argument("--sparsities", type=_floats, default=list(DEFAULT_SPARSITIES),
-                        metavar="S,...", help="sparsities each target is pruned to")
+    parser.add_argument("--sparsities", type=_floats, default=list(SENSITIVITY_SPARSITIES),
+                        metavar="S,...", help="sparsities each target is pruned to (default "
+                                              f"{','.join(map(str, SENSITIVITY_SPARSITIES))})")
     parser.add_argument("--overall", type=float, default=0.9, metavar="S",
                         help="overall sparsity to allocate across targets (default 0.9)")
     parser.add_argument("--weights", metavar="PATH",
@@ -266,10 +274,10 @@ def _sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
 def _sensitivity(args: argparse.Namespace) -> int:
     import torch
 
+    from .controllers.sensitivity import measure_sensitivity
     from .report import print_table
     from .search import train_dense
     from .search.report import oneshot_metric, write_sensitivity_report
-    from .sensitivity import measure_sensitivity
 
     task = _load_task(args)
     if args.weights:
@@ -337,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="secateurs",
         description="Make neural networks smaller and faster while they train.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {importlib.metadata.version('secateurs')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS.values():
         child = sub.add_parser(command.name, help=command.help,

@@ -8,18 +8,11 @@ These are the constraints users searching for "weight clipping" expect (Keras'
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from . import validation as check
 from .targets import TargetSpec, resolve_targets
-
-
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
-                                  and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
 
 
 @torch.no_grad()
@@ -40,10 +33,11 @@ def clip_(
         targets: Which weights; see :func:`secateurs.targets.resolve_targets`.
 
     Raises:
+        ArgumentTypeError: if a bound is neither a number nor ``None``.
         ValueError: if neither bound is given, or one is not a finite positive number.
     """
-    _positive("value", value)
-    _positive("max_norm", max_norm)
+    value = check.optional(check.number, "value", value, low=0.0, low_open=True)
+    max_norm = check.optional(check.number, "max_norm", max_norm, low=0.0, low_open=True)
     if value is None and max_norm is None:
         raise ValueError("clip_ needs value=, max_norm=, or both")
     for t in resolve_targets(model, targets):

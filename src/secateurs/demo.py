@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import validation as check
 from .clipping import clip_
 from .criteria import Clipping
 from .lr import ScheduledLR
@@ -87,21 +88,21 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "update_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        begin, end = self.prune_span
-        checks = {
-            "lr": (self.lr > 0, "> 0"), "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
-            "warmup": (0 <= self.warmup < 1, "in [0, 1)"),
-            "final_sparsity": (0 <= self.final_sparsity < 1, "in [0, 1)"),
-            "prune_span": (0 <= begin < end <= 1, "(begin, end) with 0 <= begin < end <= 1"),
-            "clip_threshold": (self.clip_threshold >= 0, ">= 0"),
-            "clip_margin": (self.clip_margin >= 0, ">= 0"), "max_norm": (self.max_norm > 0, "> 0"),
-        }
-        for name, (valid, allowed) in checks.items():
-            if not valid:
-                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+            check.integer(name, getattr(self, name), low=1)
+        check.integer("seed", self.seed)
+        check.number("lr", self.lr, low=0.0, low_open=True)
+        check.number("max_norm", self.max_norm, low=0.0, low_open=True)
+        for name in ("momentum", "warmup"):
+            check.number(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
+        check.sparsity("final_sparsity", self.final_sparsity)
+        for name in ("clip_threshold", "clip_margin"):
+            check.number(name, getattr(self, name), low=0.0)
+        check.boolean("progress", self.progress)
+        span = check.instance("prune_span", self.prune_span, (tuple, list), "a pair (begin, end)")
+        ends = [check.number(f"prune_span[{i}]", v, low=0.0, high=1.0) for i, v in enumerate(span)]
+        if len(ends) != 2 or ends[0] >= ends[1]:
+            raise ValueError(f"prune_span must be (begin, end) with 0 <= begin < end <= 1, got "
+                             f"{self.prune_span!r}")
 
 
 @dataclass

@@ -14,7 +14,6 @@ Call order, as in torch::
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Literal
 
 import torch
@@ -27,19 +26,12 @@ from torch.optim.lr_scheduler import (
     OneCycleLR,
 )
 
-from secateurs.schedules import Schedule, as_schedule
+from . import validation as check
+from .schedules import Schedule, as_schedule
 
 __all__ = ["ScheduledLR", "lambda_lr", "rewind_"]
 
 _MODES = ("factor", "absolute")
-
-
-def _check_step(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
 
 
 def _set_lr(group: dict[str, Any], lr: float | torch.Tensor) -> None:
@@ -74,7 +66,8 @@ class ScheduledLR:
             ``"absolute"`` (schedule is the lr).
 
     Raises:
-        TypeError: If ``optimizer`` is not a ``torch.optim.Optimizer``.
+        ArgumentTypeError: If ``optimizer`` is not a ``torch.optim.Optimizer``, or ``schedule``
+            neither a schedule nor a number.
         ValueError: If ``mode`` is unknown.
 
     Example:
@@ -90,15 +83,10 @@ class ScheduledLR:
         *,
         mode: Literal["factor", "absolute"] = "factor",
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        self.optimizer = optimizer
-        self.schedule = as_schedule(schedule)
-        self.mode = mode
+        self.optimizer = check.instance("optimizer", optimizer, Optimizer,
+                                        "a torch.optim.Optimizer")
+        self.mode = check.choice("mode", mode, _MODES)
+        self.schedule = as_schedule(schedule, name="schedule")
         self._step = 0
         self._scale = 1.0
         self.base_lrs: list[float] = []
@@ -118,10 +106,7 @@ class ScheduledLR:
 
     @scale.setter
     def scale(self, value: float) -> None:
-        scale = float(value)
-        if not math.isfinite(scale) or scale < 0.0:
-            raise ValueError(f"scale must be a finite number >= 0, got {value!r}")
-        self._scale = scale
+        self._scale = check.number("scale", value, low=0.0)
         self._apply()
 
     def lr_at(self, step: int) -> list[float]:
@@ -157,7 +142,7 @@ class ScheduledLR:
         Raises:
             ValueError: If ``to_step`` is negative.
         """
-        self._step = _check_step("to_step", to_step)
+        self._step = check.integer("to_step", to_step, low=0)
         self._apply()
 
     def get_last_lr(self) -> list[float]:
@@ -195,7 +180,7 @@ class ScheduledLR:
                 f"state_dict has {len(base_lrs)} base lrs, the optimizer has "
                 f"{len(self.optimizer.param_groups)} param groups"
             )
-        self._step = _check_step("step", state_dict["step"])
+        self._step = check.integer("step", state_dict["step"], low=0)
         self.base_lrs = base_lrs
         for group, base_lr in zip(self.optimizer.param_groups, base_lrs, strict=True):
             group["initial_lr"] = base_lr
@@ -235,7 +220,7 @@ def lambda_lr(optimizer: Optimizer, schedule: Schedule | float) -> LambdaLR:
     Returns:
         The ``LambdaLR``.
     """
-    factor = as_schedule(schedule)
+    factor = as_schedule(schedule, name="schedule")
 
     def lr_lambda(step: int) -> float:
         return factor(step)
@@ -281,9 +266,8 @@ def rewind_(scheduler: ScheduledLR | LRScheduler, to_step: int = 0) -> None:
     if isinstance(scheduler, ScheduledLR):
         scheduler.rewind(to_step)
         return
-    step = _check_step("to_step", to_step)
-    if not isinstance(scheduler, LRScheduler):
-        raise TypeError(f"expected a ScheduledLR or a torch LRScheduler, got {type(scheduler)}")
+    step = check.integer("to_step", to_step, low=0)
+    check.instance("scheduler", scheduler, LRScheduler, "a ScheduledLR or a torch LRScheduler")
     previous, scheduler.last_epoch = scheduler.last_epoch, step
     try:
         values = _rewound_lrs(scheduler, step)

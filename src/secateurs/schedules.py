@@ -16,6 +16,8 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
 
+from . import validation as check
+
 __all__ = [
     "Constant",
     "Cosine",
@@ -29,33 +31,6 @@ __all__ = [
     "Warmup",
     "as_schedule",
 ]
-
-
-def _real(name: str, value: object) -> float:
-    """Return ``value`` as a finite float, or raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return out
-
-
-def _integer(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` as an int ``>= minimum``, or raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _positive(name: str, value: object) -> float:
-    """Return ``value`` as a finite float ``> 0``, or raise naming ``name``."""
-    out = _real(name, value)
-    if out <= 0.0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return out
 
 
 def _clamp(value: float, a: float, b: float) -> float:
@@ -96,10 +71,10 @@ class Schedule(abc.ABC):
         """Return the value at ``step``, an integer ``>= 0``.
 
         Raises:
-            TypeError: If ``step`` is not an integer.
+            ArgumentTypeError: If ``step`` is not an integer.
             ValueError: If ``step`` is negative.
         """
-        return self._value(_integer("step", step, 0))
+        return self._value(check.integer("step", step, low=0))
 
     @abc.abstractmethod
     def _value(self, step: int) -> float:
@@ -123,10 +98,11 @@ class _Ramp(Schedule):
     end_step: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "initial", _real("initial", self.initial))
-        object.__setattr__(self, "final", _real("final", self.final))
-        object.__setattr__(self, "begin_step", _integer("begin_step", self.begin_step, 0))
-        object.__setattr__(self, "end_step", _integer("end_step", self.end_step, 1))
+        object.__setattr__(self, "initial", check.number("initial", self.initial))
+        object.__setattr__(self, "final", check.number("final", self.final))
+        object.__setattr__(self, "begin_step", check.integer("begin_step", self.begin_step,
+                                                             low=0))
+        object.__setattr__(self, "end_step", check.integer("end_step", self.end_step, low=1))
         if self.end_step <= self.begin_step:
             raise ValueError(
                 f"end_step must be greater than begin_step ({self.begin_step}), "
@@ -148,7 +124,7 @@ class Constant(Schedule):
     value: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "value", _real("value", self.value))
+        object.__setattr__(self, "value", check.number("value", self.value))
 
     def _value(self, step: int) -> float:
         return self.value
@@ -209,12 +185,13 @@ class Exponential(Schedule):
     begin_step: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "initial", _real("initial", self.initial))
+        object.__setattr__(self, "initial", check.number("initial", self.initial))
         object.__setattr__(self, "decay_rate", _positive("decay_rate", self.decay_rate))
-        object.__setattr__(self, "decay_steps", _integer("decay_steps", self.decay_steps, 1))
-        object.__setattr__(self, "begin_step", _integer("begin_step", self.begin_step, 0))
-        if not isinstance(self.staircase, bool):
-            raise TypeError(f"staircase must be a bool, got {self.staircase!r}")
+        object.__setattr__(self, "decay_steps", check.integer("decay_steps", self.decay_steps,
+                                                              low=1))
+        object.__setattr__(self, "begin_step", check.integer("begin_step", self.begin_step,
+                                                             low=0))
+        check.boolean("staircase", self.staircase)
 
     def _value(self, step: int) -> float:
         if step <= self.begin_step:
@@ -249,7 +226,7 @@ class Step(Schedule):
     milestones: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "initial", _real("initial", self.initial))
+        object.__setattr__(self, "initial", check.number("initial", self.initial))
         object.__setattr__(self, "gamma", _positive("gamma", self.gamma))
         if (self.step_size is None) == (self.milestones is None):
             raise ValueError(
@@ -257,7 +234,8 @@ class Step(Schedule):
                 f"step_size={self.step_size!r}, milestones={self.milestones!r}"
             )
         if self.step_size is not None:
-            object.__setattr__(self, "step_size", _integer("step_size", self.step_size, 1))
+            object.__setattr__(self, "step_size", check.integer("step_size", self.step_size,
+                                                                low=1))
         else:
             object.__setattr__(self, "milestones", _increasing("milestones", self.milestones))
 
@@ -274,9 +252,12 @@ class Step(Schedule):
 
 def _increasing(name: str, values: object) -> tuple[int, ...]:
     """Validate a non-empty, strictly increasing sequence of integers ``>= 1``."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise check.ArgumentTypeError(f"{name} must be a non-empty sequence of integers, got "
+                                      f"{type(values).__name__} {values!r}")
+    if not values:
         raise ValueError(f"{name} must be a non-empty sequence of integers, got {values!r}")
-    out = tuple(_integer(f"{name}[{i}]", v, 1) for i, v in enumerate(values))
+    out = tuple(check.integer(f"{name}[{i}]", v, low=1) for i, v in enumerate(values))
     if any(b <= a for a, b in itertools.pairwise(out)):
         raise ValueError(f"{name} must be strictly increasing, got {values!r}")
     return out
@@ -344,7 +325,7 @@ class Polynomial(_Ramp):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "power", _positive("power", self.power))
-        object.__setattr__(self, "frequency", _integer("frequency", self.frequency, 1))
+        object.__setattr__(self, "frequency", check.integer("frequency", self.frequency, low=1))
 
     def _value(self, step: int) -> float:
         if step >= self.end_step:
@@ -398,8 +379,9 @@ class Warmup(Schedule):
 
     def __post_init__(self) -> None:
         _require_schedule("schedule", self.schedule)
-        object.__setattr__(self, "warmup_steps", _integer("warmup_steps", self.warmup_steps, 0))
-        object.__setattr__(self, "initial", _real("initial", self.initial))
+        object.__setattr__(self, "warmup_steps", check.integer("warmup_steps", self.warmup_steps,
+                                                               low=0))
+        object.__setattr__(self, "initial", check.number("initial", self.initial))
 
     def _value(self, step: int) -> float:
         if step >= self.warmup_steps:
@@ -431,8 +413,10 @@ class Join(Schedule):
     boundaries: Sequence[int] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.schedules, Sequence) or not self.schedules:
-            raise ValueError(f"schedules must be a non-empty sequence, got {self.schedules!r}")
+        check.instance("schedules", self.schedules, Sequence, "a non-empty sequence of Schedules")
+        if not self.schedules:
+            raise ValueError(f"schedules must be a non-empty sequence of Schedules, got "
+                             f"{self.schedules!r}")
         for i, schedule in enumerate(self.schedules):
             _require_schedule(f"schedules[{i}]", schedule)
         object.__setattr__(self, "schedules", tuple(self.schedules))
@@ -462,25 +446,29 @@ class Join(Schedule):
         return (min(low for low, _ in pairs), max(high for _, high in pairs))
 
 
+def _positive(name: str, value: object) -> float:
+    """``value`` as a finite float ``> 0``."""
+    return check.number(name, value, low=0.0, low_open=True)
+
+
 def _require_schedule(name: str, value: object) -> None:
-    if not isinstance(value, Schedule):
-        raise TypeError(
-            f"{name} must be a Schedule (use Constant(x) for a number), "
-            f"got {type(value).__name__} {value!r}"
-        )
+    check.instance(name, value, Schedule, "a Schedule (use Constant(x) for a number)")
 
 
-def as_schedule(value: float | Schedule) -> Schedule:
+def as_schedule(value: float | Schedule, *, name: str = "value") -> Schedule:
     """Return ``value`` as a schedule: schedules pass through, numbers become :class:`Constant`.
 
+    Args:
+        value: A schedule or a finite real number.
+        name: What the caller calls ``value``, for the error message.
+
     Raises:
-        TypeError: If ``value`` is neither a schedule nor a real number.
+        ArgumentTypeError: If ``value`` is neither a schedule nor a real number.
         ValueError: If ``value`` is a number that is not finite.
     """
     if isinstance(value, Schedule):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"expected a Schedule or a real number, got {type(value).__name__} {value!r}"
-        )
-    return Constant(float(value))
+        raise check.ArgumentTypeError(f"{name} must be a Schedule or a finite real number, got "
+                                      f"{type(value).__name__} {value!r}")
+    return Constant(check.number(name, value))

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
+
+from . import validation as check
 
 __all__ = [
     "EpochCallback",
@@ -110,15 +111,10 @@ class History:
         return self.epochs[key][-1]
 
 
-def _count(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Optimizer steps in one epoch: ``ceil(num_examples / batch_size)`` (last batch kept)."""
-    return math.ceil(_count("num_examples", num_examples) / _count("batch_size", batch_size))
+    return math.ceil(check.integer("num_examples", num_examples, low=1)
+                     / check.integer("batch_size", batch_size, low=1))
 
 
 @torch.no_grad()
@@ -174,8 +170,8 @@ def run_epoch(
         history: Where each step's record is appended, if given.
         bar: Progress bar advanced once per step, if given.
     """
-    order = torch.randperm(len(split), generator=generator).split(_count("batch_size",
-                                                                        batch_size))
+    order = torch.randperm(len(split), generator=generator).split(
+        check.integer("batch_size", batch_size, low=1))
     losses: list[float] = []
     model.train()
     for idx in order:
@@ -227,11 +223,13 @@ def train(
         The :class:`History` of steps and epochs.
 
     Raises:
-        ValueError: if ``epochs`` or ``batch_size`` is not an integer ``>= 1``.
+        ArgumentTypeError: if ``epochs`` or ``batch_size`` is not an integer.
+        ValueError: if ``epochs`` or ``batch_size`` is below 1.
         FloatingPointError: if the loss becomes NaN or Inf.
     """
+    epochs = check.integer("epochs", epochs, low=1)
+    check.instance("data", data, Splits, "a Splits of train, val and test")
     per_epoch = steps_per_epoch(len(data.train), batch_size)
-    epochs = _count("epochs", epochs)
     generator = torch.Generator().manual_seed(seed)
     history = History()
     bar = tqdm(total=epochs * per_epoch, desc=desc, leave=False, disable=not progress,

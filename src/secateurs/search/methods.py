@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import validation as check
 from ..controllers import Budget, ThresholdAdapter, read_metric
 from ..controllers.level import LevelController
+from ..controllers.sensitivity import Sensitivity
 from ..criteria import Clipping
 from ..lr import ScheduledLR
 from ..pruner import Pruner
 from ..schedules import Cosine, Cubic, Linear
-from ..sensitivity import Sensitivity
 from ..targets import resolve_targets
 from ..tasks import Task
 from .trials import Config
@@ -66,12 +67,14 @@ class Recipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 1, "lr_scale": self.lr_scale > 0,
-                  "update_every": self.update_every >= 1, "ramp": 0 < self.ramp <= 1,
-                  "patience": self.patience >= 0, "final": 0 < self.final < 1}
-        for name, valid in checks.items():
-            if not valid:
-                raise ValueError(f"Recipe.{name} is out of range: {getattr(self, name)!r}")
+        check.integer("Recipe.epochs", self.epochs, low=1)
+        check.integer("Recipe.update_every", self.update_every, low=1)
+        check.integer("Recipe.patience", self.patience, low=0)
+        check.integer("Recipe.seed", self.seed)
+        check.number("Recipe.lr_scale", self.lr_scale, low=0.0, low_open=True)
+        check.number("Recipe.ramp", self.ramp, low=0.0, high=1.0, low_open=True)
+        check.number("Recipe.final", self.final, low=0.0, high=1.0, low_open=True,
+                     high_open=True)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..controllers.sensitivity import Sensitivity
 from ..pruner import Pruner
 from ..report import (
     Column,
@@ -29,7 +30,6 @@ from ..report import (
     plot_xy,
     write_report,
 )
-from ..sensitivity import Sensitivity
 from .trials import CHOICE_RULE, Config, pareto_front
 from .tune import TuneResult
 

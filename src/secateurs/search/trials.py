@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import KFold, StratifiedKFold
 from tqdm.auto import tqdm
+
+from .. import validation as check
 
 __all__ = ["CHOICE_RULE", "Config", "Result", "Trial", "TrialStore", "choose", "grid", "kfold",
            "pareto_front", "run_trials", "summarize", "trial_key"]
@@ -37,8 +38,10 @@ def grid(space: Mapping[str, Sequence[Any]]) -> list[Config]:
         space: Option name -> candidate values, e.g. ``{"sparsity": [0.8, 0.9]}``.
 
     Raises:
+        ArgumentTypeError: if ``space`` is not a mapping.
         ValueError: if a key has no candidates.
     """
+    check.instance("space", space, Mapping, "a mapping of option name -> candidate values")
     empty = [key for key, values in space.items() if not len(values)]
     if empty:
         raise ValueError(f"every option needs at least one candidate; empty: {empty}")
@@ -55,10 +58,14 @@ def kfold(n: int, k: int, *, seed: int = 0,
     is the rest. With ``labels``, folds keep the class proportions (stratified).
 
     Raises:
+        ArgumentTypeError: if ``n`` or ``k`` is not an integer.
         ValueError: if ``k < 2`` or ``k > n`` (or a class has fewer than ``k`` examples).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n:
-        raise ValueError(f"k must be an integer in [2, {n}], got {k!r}")
+    # scikit-learn takes about a second to import: only a search that splits pays for it.
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    n = check.integer("n", n, low=0)
+    k = check.integer("k", k, low=2, high=n)
     index = np.arange(n)
     if labels is None:
         splits = KFold(k, shuffle=True, random_state=seed).split(index)

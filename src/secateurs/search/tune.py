@@ -16,10 +16,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import validation as check
 from ..controllers import read_metric
+from ..controllers.sensitivity import Sensitivity, measure_sensitivity
 from ..lr import ScheduledLR
 from ..schedules import Cosine
-from ..sensitivity import Sensitivity, measure_sensitivity
 from ..tasks import Resplittable, Task
 from .methods import METHODS, Recipe, Setting, run_method
 from .trials import (
@@ -169,13 +170,17 @@ def tune(task: Task, configs: Sequence[Config], *, tolerance: float, relative: b
         progress: Show progress bars.
 
     Raises:
-        ValueError: on an unknown method, a bad ``folds``, or a task that cannot be re-split.
+        ArgumentTypeError: for an argument of the wrong type.
+        ValueError: on an unknown method, a bad ``folds`` or ``tolerance``, or a task that
+            cannot be re-split.
     """
     unknown = sorted({str(c.get("method")) for c in configs} - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(sorted(METHODS))}")
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
-        raise ValueError(f"folds must be an integer >= 1, got {folds!r}")
+    folds = check.integer("folds", folds, low=1)
+    tolerance = check.number("tolerance", tolerance, low=0.0)
+    check.boolean("relative", relative)
+    check.optional(check.instance, "recipe", recipe, types=Recipe, what="a Recipe")
     recipe = Recipe() if recipe is None else recipe
     base = None if folder is None else Path(folder)
     if base is not None:

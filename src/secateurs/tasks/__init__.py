@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import nn
 
+from .. import validation as check
 from ..train import Split, Splits, StepCallback, evaluate, run_epoch, steps_per_epoch
 
 __all__ = [
@@ -142,6 +143,17 @@ class ClassificationTask:
     metric: str = "accuracy"
     higher_is_better: bool = True
 
+    def __post_init__(self) -> None:
+        check.instance("data", self.data, Splits, "a secateurs.train.Splits")
+        check.callable_("build_model", self.build_model, "a function returning a model")
+        check.callable_("make_optimizer", self.make_optimizer,
+                        "a function (parameters, lr) -> optimizer")
+        for name in ("num_classes", "batch_size", "epochs"):
+            check.integer(name, getattr(self, name), low=1)
+        check.integer("seed", self.seed)
+        check.number("lr", self.lr, low=0.0, low_open=True)
+        check.boolean("higher_is_better", self.higher_is_better)
+
     def model(self, seed: int) -> nn.Module:
         """A new model whose initial weights depend on ``seed`` alone."""
         torch.manual_seed(seed)
@@ -169,8 +181,7 @@ class ClassificationTask:
         Raises:
             ValueError: for another split name.
         """
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        check.choice("split", split, ("train", "val", "test"))
         return {"accuracy": evaluate(model, getattr(self.data, split))}
 
     def pool_labels(self) -> torch.Tensor:
@@ -208,7 +219,10 @@ def _one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, split: Split,
 def register_task(name: str) -> Callable[[F], F]:
     """Decorator registering a task factory ``(**options) -> Task`` as ``name``."""
 
+    check.instance("name", name, str, "a task name")
+
     def deco(factory: F) -> F:
+        check.callable_("factory", factory, "a function (**options) -> Task")
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"task name {name!r} is already registered to "
                              f"{_REGISTRY[name].__qualname__}")
@@ -254,6 +268,7 @@ def get_task(name: str, **options: Any) -> Any:
             ``module:function`` that cannot be imported, or a factory whose result is not
             a :class:`Task`.
     """
+    check.instance("name", name, str, "a task name or 'module:function'")
     if ":" in name:
         factory = _import_factory(name)
     else:

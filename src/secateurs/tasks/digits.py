@@ -12,10 +12,9 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
+from .. import validation as check
 from ..train import Split, Splits
 from . import ClassificationTask, register_task
 
@@ -27,16 +26,12 @@ PIXEL_MAX = 16.0
 
 @lru_cache(maxsize=1)
 def _raw() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # scikit-learn loads in ~1 s: only when used
+
     images, labels = load_digits(return_X_y=True)
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
-
-
-def _fraction(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
-    return float(value)
 
 
 def split_indices(
@@ -57,10 +52,15 @@ def split_indices(
         Sorted ``(train, val, test)`` index arrays: disjoint, covering every example.
 
     Raises:
+        ArgumentTypeError: if a fraction is not a number.
         ValueError: if a fraction is outside ``(0, 1)`` or they sum to 1 or more.
     """
-    val_fraction = _fraction("val_fraction", val_fraction)
-    test_fraction = _fraction("test_fraction", test_fraction)
+    from sklearn.model_selection import train_test_split
+
+    val_fraction = check.number("val_fraction", val_fraction, low=0.0, high=1.0,
+                                low_open=True, high_open=True)
+    test_fraction = check.number("test_fraction", test_fraction, low=0.0, high=1.0,
+                                 low_open=True, high_open=True)
     if val_fraction + test_fraction >= 1:
         raise ValueError(f"val_fraction + test_fraction must be < 1 to leave training "
                          f"examples, got {val_fraction} + {test_fraction}")

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch import nn
 
+from .. import validation as check
 from ..train import Split, Splits
 from . import ClassificationTask, register_task
 
@@ -90,10 +90,11 @@ def mnist1d_arrays(num_samples: int = 5000, seed: int = 42) -> dict[str, np.ndar
         seed: Seed of the generator (42 is the paper's data set).
 
     Raises:
-        ValueError: if ``num_samples`` is not an integer >= 100.
+        ArgumentTypeError: if ``num_samples`` or ``seed`` is not an integer.
+        ValueError: if ``num_samples`` is below 100.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 100:
-        raise ValueError(f"num_samples must be an integer >= 100, got {num_samples!r}")
+    num_samples = check.integer("num_samples", num_samples, low=100)
+    seed = check.integer("seed", seed)
     return _arrays(json.dumps({"num_samples": num_samples, "seed": seed}, sort_keys=True))
 
 
@@ -105,11 +106,13 @@ def load_mnist1d_splits(seed: int = 0, *, num_samples: int = 5000, val_fraction:
     examples are a stratified ``val_fraction`` of its training part, drawn with ``seed``.
 
     Raises:
+        ArgumentTypeError: if ``val_fraction`` is not a number.
         ValueError: if ``val_fraction`` is not in ``(0, 1)``.
     """
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
-            or not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
+    from sklearn.model_selection import train_test_split  # scikit-learn loads in ~1 s
+
+    val_fraction = check.number("val_fraction", val_fraction, low=0.0, high=1.0,
+                                low_open=True, high_open=True)
     arrays = mnist1d_arrays(num_samples, data_seed)
     labels = arrays["y"]
     train, val = train_test_split(np.arange(len(labels)), test_size=val_fraction,
@@ -170,9 +173,13 @@ def mnist1d_task(seed: int = 0, *, num_samples: int = 5000, channels: int = 25,
         channels: Width of the CNN (25 in the paper).
         val_fraction: Share of the training part held out for validation.
         epochs: Epochs of dense training.
+
+    Raises:
+        ArgumentTypeError: if an option has the wrong type.
+        ValueError: if an option is out of range (``channels``, ``epochs`` >= 1).
     """
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be an integer >= 1, got {channels!r}")
+    channels = check.integer("channels", channels, low=1)
+    epochs = check.integer("epochs", epochs, low=1)
     data = load_mnist1d_splits(seed, num_samples=num_samples, val_fraction=val_fraction)
     return ClassificationTask("mnist1d", data, lambda: MNIST1DCNN(channels), num_classes=10,
                               lr=0.01, batch_size=100, epochs=epochs, make_optimizer=_adam,
