@@ -169,6 +169,8 @@ class Pruner:
         """Target name -> masked entries whose weight is not zero."""
         out = {}
         for t in self.targets:
+            if t.param.shape != self.masks[t.name].shape:
+                continue  # compacted: the masks no longer describe this parameter
             n = int(((t.param.detach() != 0) & ~self.masks[t.name]).sum())
             if n:
                 out[t.name] = n
