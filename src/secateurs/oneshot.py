@@ -29,7 +29,7 @@ from .calibration import (
     to_device,
 )
 from .criteria import Criterion, get_criterion
-from .pruner import Pruner
+from .pruner import Pruner, kept_table
 from .reconstruction import Reconstruction, relative_error
 from .selection import (
     Granularity,
@@ -90,6 +90,9 @@ class PruneReport:
         calibration_seconds: Time in calibration passes and scoring.
         reconstruction_seconds: Time in weight reconstruction.
         passes: Calibration passes over the batches (one per stage when sequential).
+        kept: Target name -> why its output channels stay at full width (channel
+            granularity: model outputs, normalised widths, couplings that cannot be
+            resolved safely).
     """
 
     targets: list[TargetReport] = field(default_factory=list)
@@ -98,6 +101,7 @@ class PruneReport:
     calibration_seconds: float = 0.0
     reconstruction_seconds: float = 0.0
     passes: int = 0
+    kept: dict[str, str] = field(default_factory=dict)
 
     def sparsity(self) -> float:
         """Fraction of pruned weights over all targets."""
@@ -113,6 +117,8 @@ class PruneReport:
         lines.append(f"total sparsity {self.sparsity():.1%}; {self.seconds:.2f} s "
                      f"(calibration {self.calibration_seconds:.2f} s in {self.passes} passes, "
                      f"reconstruction {self.reconstruction_seconds:.2f} s)")
+        if self.kept:
+            lines += ["", kept_table(self.kept)]
         return "\n".join(lines)
 
 
@@ -150,6 +156,7 @@ def prune_(
     stages: StageFn | None = None,
     measure_error: bool = False,
     progress: bool = True,
+    strict: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place, in one shot, from calibration data.
 
@@ -182,17 +189,23 @@ def prune_(
         measure_error: Collect ``X^T X`` to report each layer's relative output error even
             without reconstruction (always reported with it).
         progress: Show progress bars.
+        strict: With granularity ``channel``, refuse targets whose channel coupling cannot
+            be resolved safely instead of keeping their channels (``kept`` of the report
+            says which are kept, and why).
 
     Returns:
         A :class:`PruneReport`.
 
     Raises:
-        ValueError: for bad arguments, NaN or Inf weights, empty calibration, or a batch on
-            which the model raises; raised before any weight is changed (in sequential mode
-            the stages already written are restored).
+        ValueError: for bad arguments, NaN or Inf weights, empty calibration, a batch on
+            which the model raises, or (granularity ``channel``) no target with channels
+            that can go, or with ``strict`` a coupling that cannot be resolved; raised
+            before any weight is changed (in sequential mode the stages already written are
+            restored).
     """
     start = time.perf_counter()
     check.optional(check.callable_, "stages", stages, what="a callable (module name) -> stage key")
+    check.boolean("strict", strict)
     rec = Reconstruction() if reconstruct is True else reconstruct or None
     check.optional(check.instance, "reconstruct", rec, types=Reconstruction,
                    what="a bool or a Reconstruction")
@@ -203,7 +216,7 @@ def prune_(
                          "chooses masks stage by stage; use scope 'row' or 'layer', or "
                          "sequential=False")
     if plan.granularity.kind == "channel":
-        return _prune_channels(plan, sequential, start)
+        return _prune_channels(plan, sequential, start, strict)
     groups = _stages(plan, stages or block_of) if sequential else {"": plan.targets}
     passes = len(groups) * max(plan.request.passes, 1)
     plan.batches = _replayable(plan.batches, passes)
@@ -261,9 +274,10 @@ def _plan(model: nn.Module, sparsity: float | Mapping[str, float] | None,
                  progress)
 
 
-def _prune_channels(plan: _Plan, sequential: bool, start: float) -> PruneReport:
+def _prune_channels(plan: _Plan, sequential: bool, start: float, strict: bool) -> PruneReport:
     """Whole channel groups, traced on the first calibration batch: the units' biases,
-    norms and readers are masked with them, and model outputs are never pruned."""
+    norms and readers are masked with them, and model outputs are never pruned; targets
+    whose channels stay are listed in the report's ``kept``."""
     if plan.reconstruct is not None or sequential:
         raise ValueError("granularity 'channel' removes whole units, scored once: pass "
                          "reconstruct=False and sequential=False (or prune elements or N:M)")
@@ -280,8 +294,9 @@ def _prune_channels(plan: _Plan, sequential: bool, start: float) -> PruneReport:
     before = {t.name: t.param.detach().clone() for t in plan.targets} if plan.hessian else {}
     with Pruner(plan.model, plan.sparsity, plan.criterion, scope=plan.scope,
                 granularity="channel", targets=[t.name for t in plan.targets],
-                example_inputs=example) as pruner:
+                example_inputs=example, strict=strict) as pruner:
         pruner.update()
+    report.kept = pruner.kept_targets
     for t in plan.targets:
         mask = pruner.masks[t.name]
         error = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +63,9 @@ class Pruner:
             it, or a whole attention head; its masks cover every coupled parameter, so the
             masked model computes what :func:`secateurs.compact_` will make of it. A group
             shared by several targets takes the largest of their sparsities; targets whose
-            channels cannot go (model outputs, LayerNorm-normalised widths) keep them.
-            ``channel`` needs ``example_inputs``.
+            channels cannot go (model outputs, LayerNorm-normalised widths, couplings that
+            cannot be resolved safely, recurrent layers) keep them, with the reasons in
+            :attr:`kept_targets` and :meth:`summary`. ``channel`` needs ``example_inputs``.
         update_every: Steps between mask updates.
         optimizer: If given, its per-element state is masked too (not for criteria that
             regrow, whose weights come back through that state).
@@ -72,10 +73,14 @@ class Pruner:
         example_inputs: Inputs the model can be called on (a tensor, a tuple of positional
             arguments or a dict of keyword arguments), traced once to find channel groups;
             only for ``granularity="channel"``.
+        strict: With ``granularity="channel"``, refuse targets whose channel coupling
+            cannot be resolved safely (a parameter used outside known layers, a recurrent
+            layer) instead of keeping their channels at full width.
 
     Raises:
-        ValueError: on any invalid argument, or a target whose channel coupling cannot be
-            resolved (naming it), before anything is changed.
+        ValueError: on any invalid argument, when no target has channels that can go
+            (listing every reason), or, when ``strict``, for a target whose channel coupling
+            cannot be resolved (naming it and the reason); before anything is changed.
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class Pruner:
         optimizer: torch.optim.Optimizer | None = None,
         targets: TargetSpec = None,
         example_inputs: Any = None,
+        strict: bool = False,
     ) -> None:
         if isinstance(sparsity, Mapping) and targets is None:
             targets = list(sparsity)
@@ -100,6 +106,7 @@ class Pruner:
         check_scope(scope, self.granularity)
         self.scope = scope
         self.update_every = check.integer("update_every", update_every, low=1)
+        self.strict = check.boolean("strict", strict)
         for t in self.targets:
             check_shape(t.name, t.row_shape, self.granularity)
         self._schedules = self._resolve_sparsity(sparsity)
@@ -136,7 +143,7 @@ class Pruner:
                              f"'channel', got {self.granularity}")
         if self._schedules is None:
             raise ValueError("channel groups are selected by sparsity, not by threshold")
-        return plan_channels(self.model, self.targets, example_inputs)
+        return plan_channels(self.model, self.targets, example_inputs, strict=self.strict)
 
     def close(self) -> None:
         """Detach the criterion's statistics hooks and the order check (masks stay)."""
@@ -280,6 +287,12 @@ class Pruner:
         return [] if self.plan is None else list(self.plan.groups.values())
 
     @property
+    def kept_targets(self) -> dict[str, str]:
+        """Target name -> why its output channels stay at full width (empty unless
+        granularity is ``channel`` with ``example_inputs``)."""
+        return {} if self.plan is None else self.plan.kept_targets
+
+    @property
     def structure(self) -> Structure | None:
         """Every channel group of the model (``None`` unless granularity is ``channel``
         with ``example_inputs``)."""
@@ -361,14 +374,15 @@ class Pruner:
         return pruned / total if total else 0.0
 
     def summary(self) -> Summary:
-        """Per-target table: shape, parameters, non-zeros, sparsity."""
+        """Per-target table: shape, parameters, non-zeros, sparsity; with channel groups,
+        also the targets kept at full width and why (:attr:`Summary.kept`)."""
         rows = []
         for t in self.targets:
             p = t.param.detach()
             pruned = int(((p == 0) & ~self.masks[t.name]).sum())
             rows.append(TargetSummary(t.name, tuple(p.shape), p.numel(),
                                       int(torch.count_nonzero(p)), pruned / p.numel()))
-        return Summary(rows)
+        return Summary(rows, kept=self.kept_targets)
 
     # -- checkpointing -----------------------------------------------------------------
 
@@ -428,7 +442,17 @@ class TargetSummary:
 
 
 class Summary(list[TargetSummary]):
-    """Rows of :class:`TargetSummary`; ``str()`` renders a table with a total row."""
+    """Rows of :class:`TargetSummary`; ``str()`` renders a table with a total row, then the
+    targets kept at full width, if any, with the reasons.
+
+    Attributes:
+        kept: Target name -> why its output channels stay at full width (channel pruning).
+    """
+
+    def __init__(self, rows: Iterable[TargetSummary] = (),
+                 kept: Mapping[str, str] | None = None) -> None:
+        super().__init__(rows)
+        self.kept: dict[str, str] = dict(kept or {})
 
     def __str__(self) -> str:
         params = sum(r.params for r in self)
@@ -437,5 +461,16 @@ class Summary(list[TargetSummary]):
         total = TargetSummary("total", (), params, nonzero, masked / params if params else 0.0)
         cells = [[r.name, "x".join(map(str, r.shape)), f"{r.params:,}", f"{r.nonzero:,}",
                   f"{r.sparsity:.1%}"] for r in [*self, total]]
-        return text_table(["target", "shape", "params", "non-zero", "sparsity"], cells[:-1],
-                          left=2, footer=cells[-1:])
+        table = text_table(["target", "shape", "params", "non-zero", "sparsity"], cells[:-1],
+                           left=2, footer=cells[-1:])
+        return table if not self.kept else f"{table}\n\n{kept_table(self.kept)}"
+
+
+def kept_table(kept: Mapping[str, str]) -> str:
+    """Table of targets kept at full width, one row per target, each pointing to its reason
+    in the numbered list below (many targets share one reason)."""
+    reasons = list(dict.fromkeys(kept.values()))
+    number = {r: f"[{i}]" for i, r in enumerate(reasons, 1)}
+    table = text_table(["output channels kept", "why"],
+                       [[n, number[r]] for n, r in kept.items()], left=1)
+    return "\n".join([table, *(f"{number[r]} {r}" for r in reasons)])

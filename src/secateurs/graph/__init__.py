@@ -13,8 +13,8 @@ spirit of Torch-Pruning's ``dependency/`` under its pruners:
 from __future__ import annotations
 
 from .groups import ChannelGroup, Heads, Op, Slice, Structure, bare_copy, discover, forward
-from .planning import ChannelPlan, plan_channels
+from .planning import ChannelPlan, KeptGroup, plan_channels
 from .slicing import INEXACT, SLICERS, Cut, register_slicer
 
-__all__ = ["INEXACT", "SLICERS", "ChannelGroup", "ChannelPlan", "Cut", "Heads", "Op", "Slice",
+__all__ = ["INEXACT", "SLICERS", "ChannelGroup", "ChannelPlan", "Cut", "Heads", "KeptGroup", "Op", "Slice",
            "Structure", "bare_copy", "discover", "forward", "plan_channels", "register_slicer"]
