@@ -16,5 +16,6 @@ from .groups import ChannelGroup, Heads, Op, Slice, Structure, bare_copy, discov
 from .planning import ChannelPlan, KeptGroup, plan_channels
 from .slicing import INEXACT, SLICERS, Cut, register_slicer
 
-__all__ = ["INEXACT", "SLICERS", "ChannelGroup", "ChannelPlan", "Cut", "Heads", "KeptGroup", "Op", "Slice",
-           "Structure", "bare_copy", "discover", "forward", "plan_channels", "register_slicer"]
+__all__ = ["INEXACT", "SLICERS", "ChannelGroup", "ChannelPlan", "Cut", "Heads", "KeptGroup",
+           "Op", "Slice", "Structure", "bare_copy", "discover", "forward", "plan_channels",
+           "register_slicer"]
