@@ -1,8 +1,10 @@
-"""Export: pruned safetensors with masks folded in and rebuilt from zeros; ONNX with an
-onnxruntime parity check."""
+"""Export: pruned safetensors with masks folded in and rebuilt from zeros, carrying a content
+hash checked on loading; ONNX with an onnxruntime parity check."""
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import secateurs as sc
 from conftest import train_steps
 from secateurs.checkpoint import CheckpointError
 from secateurs.export import (
+    UnverifiedFileWarning,
     load_pruned,
     masks_from_zeros,
     pruner_from_zeros,
@@ -68,7 +71,8 @@ def test_a_sparse_file_from_elsewhere_continues_under_a_pruner(tmp_path: Path,
     foreign = tmp_path / "foreign.safetensors"
     safetensors.torch.save_file(dict(mlp.state_dict()), foreign)  # no secateurs header
     model = _fresh()
-    masks = load_pruned(foreign, model)
+    with pytest.warns(UnverifiedFileWarning, match="foreign.safetensors.*cannot be verified"):
+        masks = load_pruned(foreign, model)
     assert all(torch.equal(masks[n], pruner.masks[n]) for n in pruner.masks)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     cont = pruner_from_zeros(model, Linear(0.6, 0.8, end_step=6), optimizer=opt)
@@ -135,6 +139,97 @@ def test_masks_from_zeros(mlp: nn.Module) -> None:
     masks = masks_from_zeros(mlp)
     assert list(masks) == ["0.weight", "2.weight", "4.weight"]
     assert int((~masks["2.weight"]).sum()) == 5 * 32
+
+
+# -- integrity --------------------------------------------------------------------------------
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _data_start(path: Path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def _loads_quietly(path: Path) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return load_pruned(path, _fresh())
+
+
+def test_an_untouched_file_verifies_and_loads_without_a_warning(tmp_path: Path,
+                                                               mlp: nn.Module) -> None:
+    pruner, _ = _pruned(mlp)
+    path = save_pruned(tmp_path / "m.safetensors", mlp, pruner.masks)
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    assert len(metadata["sha256"]) == 64
+    assert json.loads(metadata["secateurs.export"])["format_version"] == 2
+    masks = _loads_quietly(path)
+    assert all(torch.equal(masks[n], pruner.masks[n]) for n in pruner.masks)
+
+
+def test_a_flipped_byte_in_a_tensor_is_refused_naming_the_file(tmp_path: Path,
+                                                               mlp: nn.Module) -> None:
+    path = save_pruned(tmp_path / "m.safetensors", mlp)
+    _flip(path, _data_start(path) + 1001)
+    model = _fresh()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(CheckpointError, match=r"m\.safetensors.*corrupted: content hash"):
+        load_pruned(path, model)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("field", [b"sparsity", b"targets", b"format_version"])
+def test_a_flipped_byte_in_the_metadata_is_refused(tmp_path: Path, mlp: nn.Module,
+                                                   field: bytes) -> None:
+    path = save_pruned(tmp_path / "m.safetensors", mlp, metadata={"note": "kept"})
+    _flip(path, path.read_bytes().index(field))  # still valid JSON: only the hash notices
+    with pytest.raises(CheckpointError, match=r"m\.safetensors.*corrupted"):
+        load_pruned(path, _fresh())
+
+
+def test_one_flipped_bit_in_any_byte_of_the_file_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = save_pruned(tmp_path / "tiny.safetensors", nn.Sequential(nn.Linear(4, 3)),
+                       metadata={"note": "kept"})
+    original = path.read_bytes()
+    for offset in range(len(original)):  # the length prefix, the header, every tensor byte
+        for bit in (0x01, 0x80):
+            data = bytearray(original)
+            data[offset] ^= bit
+            path.write_bytes(bytes(data))
+            with pytest.raises(CheckpointError, match="tiny.safetensors"):
+                load_pruned(path, nn.Sequential(nn.Linear(4, 3)))
+
+
+def test_a_file_from_before_hashes_loads_with_a_warning(tmp_path: Path, mlp: nn.Module) -> None:
+    pruner, _ = _pruned(mlp)
+    old = tmp_path / "old.safetensors"
+    header = {"targets": list(pruner.masks), "aliases": {}, "sparsity": {}}
+    safetensors.torch.save_file(dict(mlp.state_dict()), old,
+                                {"format": "pt", "secateurs.export": json.dumps(header)})
+    with pytest.warns(UnverifiedFileWarning, match="old.safetensors.*no content hash"):
+        masks = load_pruned(old, _fresh())
+    assert all(torch.equal(masks[n], pruner.masks[n]) for n in pruner.masks)
+
+
+def test_a_file_whose_hash_was_removed_is_refused(tmp_path: Path, mlp: nn.Module) -> None:
+    path = save_pruned(tmp_path / "m.safetensors", mlp)
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "sha256"}
+    safetensors.torch.save_file(safetensors.torch.load_file(path), path, metadata)
+    with pytest.raises(CheckpointError, match="lost its content hash"):
+        load_pruned(path, _fresh())
+
+
+def test_metadata_may_not_override_the_entries_the_file_reserves(tmp_path: Path,
+                                                                 mlp: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"metadata must not set \['sha256'\]"):
+        save_pruned(tmp_path / "m.safetensors", mlp, metadata={"sha256": "0" * 64})
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 # -- ONNX -------------------------------------------------------------------------------------

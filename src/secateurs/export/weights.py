@@ -11,6 +11,11 @@ next updates nest inside the adopted masks, so nothing pruned comes back
 
 A weight that is exactly zero without having been pruned is taken as pruned; in trained
 float weights that practically never happens, and it is what any reader of the file sees.
+
+Files carry the content hash of :func:`secateurs.save` checkpoints in their metadata
+(:mod:`.integrity`): one changed byte makes :func:`load_pruned` raise
+:class:`~secateurs.CheckpointError`. Files without one (written by an earlier secateurs,
+or by anyone else) still load, with an :class:`~.integrity.UnverifiedFileWarning`.
 """
 
 from __future__ import annotations
@@ -27,15 +32,24 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_state_dict, read_header, write_atomic
+from ..checkpoint import check_state_dict
 from ..criteria import Criterion
 from ..pruner import Pruner, SparsitySpec
 from ..targets import TargetSpec, resolve_targets
+from .integrity import (
+    FORMAT_VERSION,
+    HASH_KEY,
+    META_KEY,
+    deduplicate,
+    export_header,
+    read_verified,
+    restore_aliases,
+    write_hashed,
+)
 
 __all__ = ["adopt_masks_", "load_pruned", "masks_from_zeros", "pruner_from_zeros",
            "save_pruned"]
 
-_META_KEY = "secateurs.export"
 
 
 def _check_masks(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size],
@@ -63,8 +77,9 @@ def save_pruned(
 ) -> Path:
     """Write ``model.state_dict()`` as safetensors, with ``masks`` folded in (masked = 0.0).
 
-    The model is not changed; the file is written atomically. Tied weights are stored once
-    (the header lists the other names).
+    The model is not changed; the file is written atomically, with a content hash in its
+    metadata that :func:`load_pruned` checks. Tied weights are stored once (the header
+    lists the other names).
 
     Args:
         path: Destination file.
@@ -74,38 +89,35 @@ def save_pruned(
         targets: The pruned parameters, recorded in the header so :func:`load_pruned`
             knows where zeros are masks (default: the names in ``masks``, else every
             ``nn.Linear`` and ``nn.ConvNd`` weight).
-        metadata: Extra text entries for the header.
+        metadata: Extra text entries for the header (covered by the hash).
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: for masks that do not fit the model (nothing is written).
+        ValueError: for masks that do not fit the model, or ``metadata`` that uses a name
+            the file reserves (nothing is written).
     """
+    reserved = sorted(k for k, v in (metadata or {}).items()
+                      if k in (HASH_KEY, META_KEY) or (k == "format" and v != "pt"))
+    if reserved:
+        raise ValueError(f"metadata must not set {reserved}: the file reserves them")
     state = model.state_dict()
     masks = dict(masks or {})
     _check_masks(masks, {k: v.shape for k, v in state.items()}, "in the model's state_dict")
     names = list(masks) or [t.name for t in resolve_targets(model, targets)]
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[Any, ...], str] = {}
-    for key, value in state.items():
-        view = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape,
-                value.stride(), value.dtype)
-        if value.numel() and view in seen:
-            aliases[key] = seen[view]
-            continue
-        seen[view] = key
-        if key in masks:
-            value = torch.where(masks[key].to(value.device), value, value.new_zeros(()))
-        tensors[key] = value.detach().cpu().contiguous()
+    tensors, aliases = deduplicate(state)
+    for key, mask in masks.items():
+        if key in tensors:
+            tensors[key] = torch.where(mask.cpu(), tensors[key], tensors[key].new_zeros(()))
     sparsity = {n: 1.0 - int(torch.count_nonzero(state[n])) / max(1, state[n].numel())
                 if n not in masks else 1.0 - int(masks[n].sum()) / max(1, masks[n].numel())
                 for n in names}
-    header = {"targets": names, "aliases": aliases, "sparsity": sparsity,
-              "safetensors": safetensors.__version__, "torch": torch.__version__}
-    meta = {**dict(metadata or {}), "format": "pt", _META_KEY: json.dumps(header)}
-    return write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, meta))
+    header = {"format_version": FORMAT_VERSION, "targets": names, "aliases": aliases,
+              "sparsity": sparsity, "safetensors": safetensors.__version__,
+              "torch": torch.__version__}
+    meta = {**dict(metadata or {}), "format": "pt", META_KEY: json.dumps(header)}
+    return write_hashed(path, tensors, meta)[0]
 
 
 def masks_from_zeros(model: nn.Module, targets: TargetSpec = None) -> dict[str, torch.Tensor]:
@@ -134,18 +146,20 @@ def load_pruned(
         Target name -> bool mask, ``True`` where the loaded weight is non-zero.
 
     Raises:
-        CheckpointError: (a ``ValueError``) for a truncated or unreadable file, or one that
-            does not fit the model; the model is not changed.
+        CheckpointError: (a ``ValueError``, naming the file) for a truncated or unreadable
+            file, one whose content differs from its recorded hash (a flipped byte in a
+            tensor or in the metadata), or one that does not fit the model; the model is
+            not changed.
+
+    Warns:
+        UnverifiedFileWarning: for a file without a content hash (from an earlier secateurs
+            or another program): it loads, but its integrity cannot be checked.
     """
-    header = read_header(Path(path))
-    try:
-        state = safetensors.torch.load_file(path)
-    except Exception as err:  # the Rust reader raises its own error type
-        raise CheckpointError(f"{str(path)!r} cannot be read as safetensors: {err}") from None
-    info = json.loads((header.get("__metadata__") or {}).get(_META_KEY, "{}"))
-    for alias, kept in info.get("aliases", {}).items():
-        state[alias] = state[kept]
-    check_state_dict(model, state, f"file {str(path)!r}")
+    where = f"file {str(path)!r}"
+    metadata, state = read_verified(path)
+    info = export_header(metadata, where)
+    restore_aliases(state, info["aliases"], where)
+    check_state_dict(model, state, where)
     if targets is None and info.get("targets"):
         targets = list(info["targets"])
     names = [t.name for t in resolve_targets(model, targets)]
