@@ -43,42 +43,42 @@ def _model(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     return build
 
 
-def _families() -> list[Family]:
+def _families(k: int) -> list[Family]:
+    """Every family, its widths ``k`` times those of the smallest (``k=1``)."""
     import transformers as tf
 
-    llama = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    d, ff = 64 * k, 128 * k
+    llama = dict(hidden_size=d, intermediate_size=ff, num_hidden_layers=2,
                  num_attention_heads=4, vocab_size=128, max_position_embeddings=64)
     return [
         Family("gpt2", _model(lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
-            n_layer=2, n_head=4, n_embd=64, vocab_size=96, n_positions=32, bos_token_id=0,
+            n_layer=2, n_head=4, n_embd=d, vocab_size=96, n_positions=32, bos_token_id=0,
             eos_token_id=0))), _ids(96), causal=True),
         Family("llama", _model(lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
             num_key_value_heads=4, **llama))), _ids(128), causal=True),
         Family("llama-gqa", _model(lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
             num_key_value_heads=2, **llama))), _ids(128), causal=True),
         Family("bert", _model(lambda: tf.BertModel(tf.BertConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            hidden_size=d, num_hidden_layers=2, num_attention_heads=4, intermediate_size=ff,
             vocab_size=100))), _ids(100)),
         Family("vit", _model(lambda: tf.ViTModel(tf.ViTConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            hidden_size=d, num_hidden_layers=2, num_attention_heads=4, intermediate_size=ff,
             image_size=32, patch_size=8))), _pixels),
         Family("convnext", _model(lambda: tf.ConvNextModel(tf.ConvNextConfig(
-            hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], image_size=32))), _pixels),
+            hidden_sizes=[16 * k, 32 * k, 64 * k, 128 * k], depths=[1, 1, 1, 1],
+            image_size=32))), _pixels),
         Family("resnet", _model(lambda: tf.ResNetModel(tf.ResNetConfig(
-            embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+            embedding_size=16 * k, hidden_sizes=[16 * k, 32 * k, 64 * k, 128 * k],
+            depths=[1, 1, 1, 1],
             layer_type="basic"))), _pixels),
         Family("mobilenet", _model(lambda: tf.MobileNetV2Model(tf.MobileNetV2Config(
-            image_size=32, depth_multiplier=0.35))), _pixels),
+            image_size=32, depth_multiplier=0.35 * k))), _pixels),
     ]
 
 
-FAMILIES: dict[str, Family] = {}
-
-
-def family(name: str) -> Family:
-    if not FAMILIES:
-        FAMILIES.update({f.name: f for f in _families()})
-    return FAMILIES[name]
+def family(name: str, scale: int = 1) -> Family:
+    """The family ``name``, widths ``scale`` times the smallest's."""
+    return next(f for f in _families(scale) if f.name == name)
 
 
 NAMES = ["gpt2", "llama", "llama-gqa", "bert", "vit", "convnext", "resnet", "mobilenet"]

@@ -61,3 +61,38 @@ def test_two_four_runs_along_each_layers_reduction_dimension(name):
         groups = rows.movedim(1, -1).reshape(*rows.shape[:1], *rows.shape[2:], -1, 4)
         assert bool(((groups != 0).sum(-1) <= 2).all()), t.name
         assert float((rows == 0).float().mean()) == pytest.approx(0.5, abs=0.01), t.name
+
+
+def _compacted(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]:
+    """The family pruned at 50% of every channel group that can go, compacted; its inputs
+    and the masked model's output."""
+    fam = family(name)
+    model = fam.build()
+    example, batch = fam.inputs(2, 0), fam.inputs(4, 1)
+    pruner = sc.Pruner(model, 0.5, "l1", granularity="channel", example_inputs=example)
+    pruner.update()
+    pruner.close()
+    with torch.no_grad():
+        masked = main_output(model(**batch))
+    before = sum(p.numel() for p in model.parameters())
+    sc.compact_(model, example, masks=pruner.masks)
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * before
+    return model, batch, masked
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_channel_pruning_compacts_to_the_masked_models_outputs(name):
+    model, batch, masked = _compacted(name)
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(model(**batch)), masked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compacted_model_saves_and_reloads_to_the_same_outputs(name, tmp_path):
+    from secateurs.export import load_compacted, save_compacted
+
+    model, batch, masked = _compacted(name)
+    save_compacted(model, tmp_path / name)
+    loaded = load_compacted(tmp_path / name).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(loaded(**batch)), masked, atol=1e-5, rtol=0)

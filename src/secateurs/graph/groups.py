@@ -1,4 +1,4 @@
-"""Channel groups: which parameter slices must be removed together, found by Torch-Pruning.
+"""Channel groups: which parameter slices must be removed together, found by tracing.
 
 A *channel group* is every parameter slice that one output channel (a filter, a neuron,
 a head's dimension) reaches: the producing filter and its bias, the BatchNorm scale and
@@ -10,24 +10,39 @@ the coupling; :mod:`.slicing` turns each coupled handler into parameter slices.
 Channels that can only go together form one *unit*: the channels of one attention head,
 or the same channel of every group of a grouped convolution. Selection ranks units.
 
-This module sits low in the layers (it imports only torch and torch_pruning), so the
-pruner can build group-aware masks with it.
+Known transformer blocks (attention with q/k/v/o projections, gated MLPs, GPT-2's fused
+attention and MLP, see :mod:`.blocks`) have their groups built directly and are traced as
+single steps on the residual stream; layers Torch-Pruning does not know (GPT-2's
+``Conv1D``, RMS norms) get handlers of their own (:mod:`.layers`); and the search for
+coupled layers is bounded (:mod:`.search`), so no model makes discovery run unbounded.
+
+This module sits low in the layers (it imports only torch, torch_pruning and
+:mod:`secateurs.targets`), so the pruner can build group-aware masks with it.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..targets import is_transposed_linear
+from .blocks import Block, find_blocks
+from .layers import TRANSPOSED, NormPruner, SlicingPruner, is_norm, opaque
+from .search import Unsettled, budget, coupled
 from .slicing import INEXACT, SLICERS, Cut
+from .structure import ChannelGroup, Heads, Op, Resize, Slice, Structure
 
-__all__ = ["ChannelGroup", "Heads", "Op", "Slice", "Structure", "bare_copy", "discover", "forward"]
+__all__ = ["ChannelGroup", "Heads", "Op", "Resize", "Slice", "Structure", "bare_copy",
+           "discover", "forward", "tensors"]
+
+logger = logging.getLogger(__name__)
 
 #: Names of the query, key and value projections of an attention module with heads.
 QKV_NAMES = frozenset({"q", "k", "v", "query", "key", "value", "q_proj", "k_proj", "v_proj",
@@ -35,6 +50,7 @@ QKV_NAMES = frozenset({"q", "k", "v", "query", "key", "value", "q_proj", "k_proj
 #: Attributes holding the number of heads, in the order they are looked up.
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads")
 _ROOTS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
+_NORM = NormPruner()
 
 
 def forward(model: nn.Module, inputs: Any) -> Any:
@@ -47,160 +63,21 @@ def forward(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-@dataclass(frozen=True)
-class Slice:
-    """Positions ``index`` along ``dim`` of parameter ``param``; ``channel[i]`` is the group
-    channel that position ``index[i]`` belongs to. ``role`` is ``"in"`` for the input
-    columns of a consuming layer, ``"out"`` for everything that produces the channel."""
-
-    module: str
-    param: str
-    dim: int
-    index: torch.Tensor
-    channel: torch.Tensor
-    role: str
+def tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors inside a model's output (tensor, tuple, list, dict, ``ModelOutput``);
+    other objects in it (a key/value cache) are left out."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in tensors(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in tensors(v)]
+    return []
 
 
-@dataclass(frozen=True)
-class Op:
-    """One Torch-Pruning handler call that compaction makes: ``handler(module, indices)``."""
-
-    module: str
-    handler: Callable[..., Any]
-    pruning_dim: int
-    index: torch.Tensor
-    channel: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Heads:
-    """An attention module whose projections hold ``head_dim`` channels per head; compaction
-    sets ``attribute`` (e.g. ``num_heads``) to the heads that remain."""
-
-    module: str
-    attribute: str
-    head_dim: int
-    projection: str
-
-
-@dataclass
-class ChannelGroup:
-    """Every parameter slice coupled to the output channels of one root layer.
-
-    Attributes:
-        name: The root layer, e.g. ``layer1.0.conv1``.
-        channels: Channels of the root layer.
-        unit_of: Channel -> unit (units are what selection keeps or removes).
-        slices: Parameter slices, for masks and scores.
-        ops: Torch-Pruning handler calls, for compaction.
-        heads: Attention modules whose head count follows this group.
-        fixed: Why the channels must stay (model outputs, normalised widths), or ``None``.
-        error: Why the coupling cannot be resolved safely, or ``None``.
-    """
-
-    name: str
-    channels: int
-    unit_of: torch.Tensor
-    slices: tuple[Slice, ...]
-    ops: tuple[Op, ...]
-    heads: tuple[Heads, ...] = ()
-    fixed: str | None = None
-    error: str | None = None
-
-    @property
-    def units(self) -> int:
-        """Number of units (channels, or heads, or channel sets of a grouped convolution)."""
-        return int(self.unit_of.max()) + 1 if self.channels else 0
-
-    @property
-    def prunable(self) -> bool:
-        return self.fixed is None and self.error is None
-
-    @property
-    def params(self) -> list[str]:
-        """Coupled parameter names, in order of first appearance."""
-        return list(dict.fromkeys(s.param for s in self.slices))
-
-    def produces(self, param: str) -> bool:
-        """Whether ``param`` holds the output channels of this group (not only inputs)."""
-        return any(s.param == param and s.role == "out" for s in self.slices)
-
-    def reduce(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Sum element scores over each unit's slices: one value per unit.
-
-        Args:
-            scores: Parameter name -> element scores shaped like it; parameters missing
-                here are left out of the sums.
-        """
-        out = torch.zeros(self.channels, dtype=torch.float64)
-        for s in self.slices:
-            if s.param not in scores:
-                continue
-            per = scores[s.param].detach().double().movedim(s.dim, 0)
-            per = per.reshape(per.shape[0], -1).sum(1).cpu()
-            # A position shared by channels of one unit counts once in that unit.
-            shared = torch.bincount(s.index, minlength=per.shape[0]).clamp_min(1)
-            out.index_add_(0, s.channel, per[s.index] / shared[s.index])
-        return torch.zeros(self.units, dtype=torch.float64).index_add_(0, self.unit_of, out)
-
-    def keep_masks(self, keep: torch.Tensor, shapes: Mapping[str, torch.Size]
-                   ) -> dict[str, torch.Tensor]:
-        """Bool masks of the coupled parameters with the units where ``keep`` is False
-        removed everywhere (``True`` = kept)."""
-        channel_keep = keep.cpu()[self.unit_of]
-        masks: dict[str, torch.Tensor] = {}
-        for s in self.slices:
-            gone = s.index[~channel_keep[s.channel]]
-            if gone.numel() == 0:
-                continue
-            shape = shapes[s.param]
-            line = torch.ones(shape[s.dim], dtype=torch.bool)
-            line[gone] = False
-            view = [1] * len(shape)
-            view[s.dim] = -1
-            mask = line.view(view).expand(shape)
-            masks[s.param] = mask & masks[s.param] if s.param in masks else mask
-        return masks
-
-    def off(self, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Units that ``masks`` switch off entirely: every covered slice of the units'
-        producers is masked, or every covered input slice of their consumers is."""
-        covered = {"out": torch.zeros(self.channels), "in": torch.zeros(self.channels)}
-        alive = {"out": torch.zeros(self.channels), "in": torch.zeros(self.channels)}
-        for s in self.slices:
-            if s.param not in masks:
-                continue
-            m = masks[s.param].movedim(s.dim, 0)
-            live = m.reshape(m.shape[0], -1).any(1).cpu()[s.index]
-            covered[s.role].index_add_(0, s.channel, torch.ones(len(s.channel)))
-            alive[s.role].index_add_(0, s.channel, live.float())
-        dead = torch.zeros(self.channels, dtype=torch.bool)
-        for role in ("out", "in"):
-            dead |= (covered[role] > 0) & (alive[role] == 0)
-        # A unit goes only if all its channels do.
-        live_units = torch.zeros(self.units).index_add_(0, self.unit_of, (~dead).float())
-        return live_units == 0
-
-
-@dataclass
-class Structure:
-    """All channel groups of a model, and the shapes of the parameters they couple."""
-
-    groups: list[ChannelGroup]
-    shapes: dict[str, torch.Size] = field(default_factory=dict)
-
-    def producer_of(self, param: str) -> ChannelGroup | None:
-        """The group whose output channels ``param`` holds, if any."""
-        return next((g for g in self.groups if g.produces(param)), None)
-
-    def masks(self, keeps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Group name -> unit keep vector, to bool masks of every coupled parameter."""
-        out: dict[str, torch.Tensor] = {}
-        by_name = {g.name: g for g in self.groups}
-        for name, keep in keeps.items():
-            for param, mask in by_name[name].keep_masks(keep, self.shapes).items():
-                out[param] = mask & out[param] if param in out else mask
-        return {p: m.clone() for p, m in out.items()}
+def _traced_forward(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    """The outputs Torch-Pruning traces back from: tensors that autograd reaches."""
+    return [t for t in tensors(forward(model, inputs)) if t.grad_fn is not None]
 
 
 def discover(model: nn.Module, example_inputs: Any, *, in_place: bool = False) -> Structure:
@@ -208,6 +85,8 @@ def discover(model: nn.Module, example_inputs: Any, *, in_place: bool = False) -
 
     The trace runs on a copy (with its hooks removed), so the model, its mode and any
     statistics hooks are left alone, unless ``in_place`` (for a copy made by the caller).
+    Progress goes to the ``secateurs.graph.groups`` logger (and a progress bar when
+    resolving the groups takes more than a few seconds).
 
     Raises:
         ValueError: if the model cannot be traced with ``example_inputs``.
@@ -215,10 +94,19 @@ def discover(model: nn.Module, example_inputs: Any, *, in_place: bool = False) -
     traced = model if in_place else bare_copy(model)
     for p in traced.parameters():
         p.requires_grad_(True)
+    blocks = find_blocks(traced)
+    customized, hidden = _customized(traced, blocks)
+    if blocks:
+        kinds = [b.kind for b in blocks]
+        logger.info("%s: %d attention and %d MLP blocks recognised; their heads and neurons "
+                    "are grouped directly", type(model).__name__, kinds.count("attention"),
+                    kinds.count("mlp"))
+    logger.info("tracing %s with Torch-Pruning", type(model).__name__)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), opaque(hidden):
             graph = tp.DependencyGraph().build_dependency(
-                traced, example_inputs, forward_fn=forward, verbose=False)
+                traced, example_inputs, forward_fn=_traced_forward, verbose=False,
+                customized_pruners=customized)
     except Exception as exc:
         raise ValueError(f"Torch-Pruning could not trace {type(model).__name__} with the "
                          f"example inputs: {type(exc).__name__}: {exc}") from exc
@@ -226,15 +114,44 @@ def discover(model: nn.Module, example_inputs: Any, *, in_place: bool = False) -
     heads = _find_heads(traced)
     groups: list[ChannelGroup] = []
     visited: set[nn.Module] = set()
-    for module in list(graph.module2node):
-        if isinstance(module, _ROOTS) and module not in visited:
-            group, producers = _group(graph, module, names, heads)
+    roots = [m for m in graph.module2node
+             if isinstance(m, _ROOTS) or (isinstance(m, nn.Module) and is_transposed_linear(m))]
+    steps = budget(graph)
+    for module in tqdm(roots, desc="channel groups", leave=False, delay=3.0):
+        if module not in visited:
+            group, producers = _group(graph, module, names, heads, steps)
             visited.update(producers)
             groups.append(group)
+    groups += [b.group for b in blocks]
     _check_heads(groups)
     _check_shared(groups)
+    logger.info("%s: %d channel groups, %d prunable", type(model).__name__, len(groups),
+                sum(g.prunable for g in groups))
     shapes = {n: p.shape for n, p in traced.named_parameters()}
     return Structure(groups, shapes)
+
+
+def _customized(model: nn.Module, blocks: list[Block]
+                ) -> tuple[dict[type, tp.pruner.BasePruningFunc], list[nn.Module]]:
+    """Handlers of the layer types Torch-Pruning does not know, and the modules traced as
+    single steps: recognised blocks, transposed linear layers and norms outside them."""
+    pruners: dict[type, tp.pruner.BasePruningFunc] = {}
+    hidden: list[nn.Module] = []
+    inside: set[nn.Module] = set()
+    for b in blocks:
+        module = model.get_submodule(b.module)
+        pruners[type(module)] = b.pruner
+        hidden.append(module)
+        inside.update(module.modules())
+    for m in model.modules():
+        if m in inside or type(m) in pruners:
+            continue
+        if is_transposed_linear(m):
+            pruners[type(m)] = TRANSPOSED
+        elif is_norm(m):
+            pruners[type(m)] = _NORM
+    hidden += [m for m in model.modules() if m not in inside and type(m) in pruners]
+    return pruners, list(dict.fromkeys(hidden))
 
 
 def bare_copy(model: nn.Module) -> nn.Module:
@@ -266,9 +183,10 @@ class _Builder:
     def add(self, layer: str, module: nn.Module, owner: Any, out: bool, index: torch.Tensor,
             channel: torch.Tensor) -> None:
         if type(owner) in INEXACT:
-            self.fixed = self.fixed or INEXACT[type(owner)].format(layer=layer)
+            self.fixed = self.fixed or INEXACT[type(owner)].format(
+                layer=layer, kind=type(module).__name__)
             return
-        slicer = SLICERS.get(type(owner))
+        slicer = owner.cuts if isinstance(owner, SlicingPruner) else SLICERS.get(type(owner))
         if slicer is None:
             self.error = self.error or (f"layer {layer!r} ({type(module).__name__}) has no "
                                         "slicing rule for its channels")
@@ -314,13 +232,18 @@ class _Builder:
 
 
 def _group(graph: tp.DependencyGraph, root: nn.Module, names: Mapping[nn.Module, str],
-           heads: Mapping[str, Heads]) -> tuple[ChannelGroup, set[nn.Module]]:
+           heads: Mapping[str, Heads], steps: int) -> tuple[ChannelGroup, set[nn.Module]]:
     """The channel group rooted at the output channels of ``root``."""
-    pruner = graph.get_pruner_of_module(root)
-    n = int(pruner.get_out_channels(root))
+    n = int(graph.get_pruner_of_module(root).get_out_channels(root))
     b = _Builder(names[root], n)
     try:
-        items = list(graph.get_pruning_group(root, pruner.prune_out_channels, list(range(n))))
+        items = coupled(graph, root, steps)
+    except Unsettled as exc:
+        b.error = (f"Torch-Pruning's search for the layers coupled to {names[root]!r} does not "
+                   f"settle ({exc}): an operation it cannot follow, such as key/value heads "
+                   "repeated for grouped-query attention, mixes its channels")
+        logger.warning("%s", b.error)
+        return b.build(), {root}
     except Exception as exc:
         b.error = (f"Torch-Pruning could not resolve the layers coupled to {names[root]!r}: "
                    f"{type(exc).__name__}: {exc}")

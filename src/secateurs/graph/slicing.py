@@ -5,7 +5,8 @@ rules here say what removing index ``j`` from a layer takes with it (rows of a w
 bias entry, a BatchNorm scale and shift), so a mask can cover exactly what compaction will
 remove. A handler type registered as *inexact* can be compacted by Torch-Pruning but not so
 that the compacted model computes what the masked one does (normalising over the channel
-dimension, or tying heads to a width); its channels are kept.
+dimension, or tying heads to a width); its channels are kept. Handlers written here for
+layers Torch-Pruning does not know (:mod:`.layers`) say their slices themselves.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ class StructuredResult:
         after: Counts of the compacted model.
         units: Channel group -> ``(units before, units kept)``.
         seconds: Wall time of pruning (training steps included) and compaction.
+        kept: Target name -> why its output channels stayed at full width.
     """
 
     model: nn.Module
@@ -39,12 +40,15 @@ class StructuredResult:
     after: Counts
     units: dict[str, tuple[int, int]]
     seconds: float
+    kept: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return (f"params {self.before.params:,} -> {self.after.params:,} "
                 f"({self.before.params / max(1, self.after.params):.2f}x fewer), "
                 f"MACs {self.before.macs:,} -> {self.after.macs:,} "
-                f"({self.before.macs / max(1, self.after.macs):.2f}x fewer)")
+                f"({self.before.macs / max(1, self.after.macs):.2f}x fewer)"
+                + (f"; {len(self.kept)} targets kept their output channels"
+                   if self.kept else ""))
 
 
 def prune_channels_(
@@ -60,6 +64,7 @@ def prune_channels_(
     optimizer: torch.optim.Optimizer | None = None,
     update_every: int | None = None,
     calibration: Iterable[Any] | None = None,
+    strict: bool = False,
 ) -> StructuredResult:
     """Remove whole channels, neurons and heads from ``model``, one-shot or while it trains.
 
@@ -85,6 +90,8 @@ def prune_channels_(
             rebound after compaction.
         update_every: Steps between mask updates (gradual); default ``steps // 20``.
         calibration: Batches for a calibration pass of a data-driven criterion (one-shot).
+        strict: Refuse targets whose channel coupling cannot be resolved, instead of
+            keeping their channels at full width (see :class:`~secateurs.Pruner`).
 
     Returns:
         A :class:`StructuredResult` with the compacted model and its counts.
@@ -113,7 +120,7 @@ def prune_channels_(
     every = update_every if update_every is not None else max(1, steps // 20)
     with Pruner(model, sparsity, criterion, scope=scope, granularity="channel",
                 update_every=every, optimizer=optimizer, targets=targets,
-                example_inputs=example_inputs) as pruner:
+                example_inputs=example_inputs, strict=strict) as pruner:
         if train_step is not None and steps:
             for step in range(steps):
                 train_step(step)
@@ -123,9 +130,10 @@ def prune_channels_(
             pruner.update()
         masks = dict(pruner.masks)
         units = {g.name: (g.units, int((~g.off(masks)).sum())) for g in pruner.channel_groups}
+        kept = pruner.kept_targets
     compact_(model, example_inputs, masks, optimizer=optimizer)
     return StructuredResult(model, before, count(model, example_inputs), units,
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, kept)
 
 
 def _calibrate(pruner: Pruner, calibration: Iterable[Any] | None) -> None:

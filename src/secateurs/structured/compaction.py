@@ -14,6 +14,7 @@ their gradients and the optimizer state, so they cannot disagree.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..graph.blocks import config_of
 from ..graph.groups import ChannelGroup, Structure, bare_copy, discover
+from ..graph.layers import out_width
 from .verify import CompactionError, compare, record
 
 __all__ = ["CompactionError", "check_compactable", "compact_"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ def compact_(
     _move(model, work, maps, optimizer)
     if masks is not None:
         _apply_remaining(model, masks)
+    _update_configs(model, structure)
     return model
 
 
@@ -195,6 +201,10 @@ def _shrink(work: nn.Module, calls: list[_Call], plan: list[tuple[ChannelGroup, 
             assert isinstance(projection, nn.Linear)
             count = projection.out_features // h.head_dim
             setattr(work.get_submodule(h.module), h.attribute, count)
+        for r in g.resizes:
+            if not r.config:
+                width = out_width(work.get_submodule(r.source))
+                setattr(work.get_submodule(r.module), r.attribute, r.size(width))
     maps = {}
     for name, p in work.named_parameters():
         index = p.detach().long()
@@ -248,6 +258,27 @@ def _move(model: nn.Module, work: nn.Module, maps: Mapping[str, torch.Tensor],
                 setattr(old, key, value)
     if optimizer is not None:
         _rebind(optimizer, swapped)
+
+
+def _update_configs(model: nn.Module, structure: Structure) -> None:
+    """Set the configuration entries that follow layer widths (heads, key/value heads, MLP
+    width) where every layer agrees; where layers differ the configuration cannot say it,
+    and is left alone."""
+    found: dict[tuple[int, str], tuple[Any, set[int]]] = {}
+    for g in structure.groups:
+        for r in g.resizes:
+            config = config_of(model, r.module) if r.config else None
+            if config is not None:
+                value = r.size(out_width(model.get_submodule(r.source)))
+                found.setdefault((id(config), r.attribute), (config, set()))[1].add(value)
+    for (_, attribute), (config, values) in found.items():
+        if len(values) == 1:
+            setattr(config, attribute, values.pop())
+        else:
+            logger.warning("the layers of %s now differ in %s (%s): its config keeps %s=%s, so "
+                           "a model rebuilt from the config alone would not fit the weights",
+                           type(model).__name__, attribute, sorted(values), attribute,
+                           getattr(config, attribute, None))
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..graph.groups import forward
+from ..graph.groups import forward, tensors
 
 __all__ = ["CompactionError", "Recording", "compare", "flatten", "record"]
 
@@ -36,13 +36,7 @@ class Recording:
 
 def flatten(output: Any) -> list[torch.Tensor]:
     """The tensors inside a model's output (tensor, tuple, list, dict, ``ModelOutput``)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, Mapping):
-        return [t for v in output.values() for t in flatten(v)]
-    if isinstance(output, (tuple, list)):
-        return [t for v in output for t in flatten(v)]
-    return []
+    return tensors(output)
 
 
 def _signature(y: torch.Tensor) -> list[torch.Tensor]:
