@@ -163,7 +163,9 @@ def main() -> None:
         f"average {load:.1f} when it started (the machine is shared). State: model "
         "weights, Adam moments, pruner masks (80% global magnitude) and step, RNG. Both "
         "writers fsync; secateurs also writes atomically (temporary file + rename) and hashes "
-        "the content; its load also verifies the hash, names and shapes before restoring. "
+        "the content; its load reads the file through one descriptor into memory (no mmap), "
+        "checks every declared shape against the live objects before reading a tensor, then "
+        "the hash and the values (finite learning rates, RNG states) before restoring. "
         "Medians of alternating rounds; ratios are secateurs / torch in the same run.\n\n"
         f"{text}\n\n{notes}\n")
     args.results_dir.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,8 @@ so = load("step_overhead")
 run_all = load("run_all")
 imports = load("imports")
 ROWS = [(m, v) for m in so.WORKLOADS for v in so.VARIANTS]
+#: Rows of the tables per optimizer: a quick run measures the quick optimizers only.
+TIMED = [(m, o, v) for m in so.WORKLOADS for o in so.QUICK_OPTIMIZERS for v in so.VARIANTS]
 
 
 def table_after(text: str, heading: str) -> list[list[str]]:
@@ -70,15 +72,21 @@ def test_quick_report_has_a_section_with_command_and_machine(report: str) -> Non
 @pytest.mark.slow
 def test_quick_report_times_every_variant_on_every_model(report: str) -> None:
     rows = table_after(report, "Step time")
-    assert [(r[0], r[1]) for r in rows] == ROWS
-    for model, method, *cells in rows:
-        for cell in cells[:6]:  # while pruning: median, ratio, mean, ratio; steady, ratio
+    assert [(r[0], r[1], r[2]) for r in rows] == TIMED
+    for model, opt, method, *cells in rows:
+        # while pruning: median, ratio, CPU, ratio, mean, ratio; steady: the same but mean
+        for cell in cells[:10]:
             positive(cell)
         if method == "dense":
-            assert cells[1] == "1.000" and cells[-1] == "0"
+            assert cells[1] == cells[3] == cells[7] == cells[9] == "1.000"
+            assert cells[-1] == "0"
         else:
-            positive(cells[6]), positive(cells[7])  # mask-update step and its ratio
-            assert int(cells[-1]) == so.PLANS["quick"].updates, (model, method)
+            positive(cells[10]), positive(cells[11])  # mask-update step and its ratio
+            assert int(cells[-1]) == so.PLANS["quick"].updates, (model, opt, method)
+    costs = table_after(report, "Where `Pruner.step()` spends its time")
+    assert {(r[0], r[1]) for r in costs} == {(m, o) for m, o, _ in TIMED}
+    for row in costs:
+        positive(row[3]), positive(row[4]), positive(row[5])
 
 
 @pytest.mark.slow
@@ -95,9 +103,9 @@ def test_quick_report_memory_pruner_one_byte_torch_prune_at_least_eight(report: 
             assert rss == ["-"] * 4
     allocs = table_after(report, "Allocations in one steady-state step (`torch.profiler`, "
                                  "`profile_memory=True`)")
-    assert [(r[0], r[1]) for r in allocs] == ROWS
+    assert [(r[0], r[1], r[2]) for r in allocs] == TIMED
     for row in allocs:
-        positive(row[2]), positive(row[3])
+        positive(row[3]), positive(row[4])
 
 
 @pytest.fixture
@@ -113,9 +121,9 @@ def one_thread() -> Iterator[None]:
 @given(widths=st.lists(st.integers(1, 40), min_size=1, max_size=3),
        updates=st.integers(1, 3))
 def test_memory_accounting_is_exact(one_thread: None, widths: list[int], updates: int) -> None:
-    """Pruner: exactly one byte per target weight (bool masks) plus a 4-byte 0-dim zero per
-    target; torch.nn.utils.prune: weight_orig and a float mask (8 bytes) plus one 4-byte
-    float mask per update held by its hooks."""
+    """Pruner: exactly one byte per target weight (bool masks); torch.nn.utils.prune:
+    weight_orig and a float mask (8 bytes) plus one 4-byte float mask per update held by its
+    hooks."""
     sizes = [6, *widths, 10]
 
     def build() -> nn.Module:
@@ -129,13 +137,20 @@ def test_memory_accounting_is_exact(one_thread: None, widths: list[int], updates
         for run in runs.values():
             run.step(*batches[0])
     n = sum(a * b for a, b in itertools.pairwise(sizes))
-    targets = len(sizes) - 1
     assert so.added_bytes(runs["dense"], runs["dense"]) == {}
     assert so.added_bytes(runs["secateurs.Pruner"], runs["dense"]) == {
-        "pruner.masks._masks": n, "pruner.masks._zero": 4 * targets}
+        "pruner.masks._masks": n}
     theirs = so.added_bytes(runs["torch.nn.utils.prune"], runs["dense"])
     assert theirs["weight_orig"] == 4 * n and theirs["weight_mask"] == 4 * n
     assert sum(theirs.values()) == (8 + 4 * updates) * n
+
+
+def test_frameworks_table_gives_medians_and_ratios_of_rounds() -> None:
+    frameworks = load("_frameworks")
+    rounds = [([(0.010, 0.020)] * 3, [(0.011, 0.021)] * 3),
+              ([(0.020, 0.040)] * 3, [(0.021, 0.042)] * 3)]
+    rows = markdown_rows(frameworks.table({"setting": rounds}))
+    assert rows == [["setting", "15.00", "16.00", "1.075", "30.00", "31.50", "1.050"]]
 
 
 def test_run_all_finds_scripts_and_gathers_sections_in_name_order(tmp_path: Path) -> None:

@@ -148,11 +148,11 @@ def test_crash_mid_write_keeps_previous_checkpoint(saved: tuple[Path, tuple],
     path, run = saved
     before = path.read_bytes()
 
-    def partial_write(tensors: dict, filename: Path, metadata: dict) -> None:
-        Path(filename).write_bytes(b"\x00" * 100)
+    def partial_write(f: Any, tensors: dict, metadata: dict) -> None:
+        f.write(b"\x00" * 100)
         raise KeyboardInterrupt  # the process dies half way
 
-    monkeypatch.setattr(safetensors.torch, "save_file", partial_write)
+    monkeypatch.setattr(checkpoint.container, "write_tensors", partial_write)
     _steps(*run, 2)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(path, *run[:3])

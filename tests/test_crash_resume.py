@@ -76,8 +76,10 @@ def test_sigkilled_run_resumes_bit_for_bit(tmp_path: Path) -> None:
     assert reference.returncode == 0, err
 
     assert all(0 < k < STEPS for k in killed_at), killed_at
-    # A kill inside a write leaves its temporary file, never a damaged checkpoint.
+    # A kill inside a write leaves its temporary file, never a damaged checkpoint; the
+    # next save to that path removes it.
     assert checkpoint.read_info(crashed_dir / "last.safetensors").sections[0] == "model"
+    assert not list(crashed_dir.glob(".*.tmp")), sorted(crashed_dir.iterdir())
     ref = safetensors.torch.load_file(reference_dir / "final.safetensors")
     got = safetensors.torch.load_file(crashed_dir / "final.safetensors")
     assert sorted(ref) == sorted(got)

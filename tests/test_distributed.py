@@ -31,7 +31,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["magnitude", "contribution", "random_per_rank"])
+@pytest.mark.parametrize("case", ["magnitude", "contribution", "random_per_rank",
+                                  "contribution_plain"])
 def test_masks_and_weights_identical_on_every_rank(ranks: list[dict], case: str) -> None:
     first, second = (r["cases"][case] for r in ranks)
     assert first["sparsity"] == pytest.approx(0.75)
@@ -40,12 +41,33 @@ def test_masks_and_weights_identical_on_every_rank(ranks: list[dict], case: str)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["magnitude", "contribution"])
+@pytest.mark.parametrize("case", ["magnitude", "contribution", "contribution_plain"])
 def test_ddp_equals_one_process_on_the_global_batch(ranks: list[dict], case: str) -> None:
     row = ranks[0]["cases"][case]
     assert row["masks_equal_single"]
     # Gradients are averaged in another order than one process sums them: rounding only.
     assert row["max_weight_diff_single"] < 1e-12
+
+
+@pytest.mark.slow
+def test_resume_between_mask_updates_is_bit_for_bit(ranks: list[dict]) -> None:
+    # Each rank's statistics of the batch after the last update are in the checkpoint.
+    for case in ("contribution", "contribution_plain"):
+        rows = [r["resume"][case] for r in ranks]
+        for row in rows:
+            assert row["mask_elements_differ"] == 0, (case, row)
+            assert row["weights_equal"] and row["masks_equal"], (case, row)
+        assert rows[0]["masks"] == rows[1]["masks"]
+
+
+@pytest.mark.slow
+def test_a_failing_writer_fails_every_rank_at_once(ranks: list[dict]) -> None:
+    writer, other = (r["writer_fails"] for r in ranks)
+    assert writer["raised"] == "FileNotFoundError"
+    assert other["raised"] == "CheckpointError"
+    assert "rank 0 failed to write" in other["message"]
+    assert "FileNotFoundError" in other["message"]
+    assert writer["seconds"] < 10 and other["seconds"] < 10
 
 
 @pytest.mark.slow

@@ -42,7 +42,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("report",),  # 19
     ("search",),  # 20
     ("demo",),  # 21
-    ("cli",),  # 22
+    ("recipes", "hub"),  # 22 the doors: validated runs, Hugging Face folders and text files
+    ("integrations",),  # 23 training frameworks: Hugging Face Trainer, Lightning, Accelerate
+    ("cli",),  # 24
 )
 LAYER_OF: dict[str, int] = {unit: i for i, units in enumerate(LAYERS, 1) for unit in units}
 

@@ -141,11 +141,14 @@ def test_one_shot_channel_pruning_keeps_outputs_and_masks_biases():
         torch.testing.assert_close(small(x), masked, atol=1e-5, rtol=0)
 
 
-def _train(order: str) -> tuple[sc.Pruner, list[warnings.WarningMessage]]:
+def _train(order: str, give_optimizer: bool = False
+           ) -> tuple[sc.Pruner, list[warnings.WarningMessage]]:
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    pruner = sc.Pruner(model, 0.8, optimizer=opt)
+    # Without its optimizer the pruner cannot mask gradients: only the order of the calls
+    # keeps the pruned weights at zero when the model runs.
+    pruner = sc.Pruner(model, 0.8, optimizer=opt if give_optimizer else None)
     x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -172,6 +175,13 @@ def test_step_before_optimizer_step_is_reported_as_dense_and_warned():
     assert "non-zero" in str(pruner.summary())
     assert sum(r.nonzero for r in pruner.summary()) > 0.9 * sum(r.params for r in
                                                                   pruner.summary())
+
+
+def test_with_its_optimizer_the_pruner_masks_gradients_so_either_order_stays_pruned():
+    for order in ("wrong", "right"):
+        pruner, caught = _train(order, give_optimizer=True)
+        assert not [w for w in caught if w.category is RuntimeWarning], order
+        assert pruner.sparsity() == pytest.approx(0.8, abs=1 / 512), order
 
 
 def test_step_after_optimizer_step_reports_the_masks_without_warning():

@@ -102,14 +102,30 @@ def test_masks_and_weights_agree_and_keys_stay(encoder):
         assert abs((~mask).sum().item() - round(0.6 * mask.numel())) == 0
 
 
-def test_sequential_passes_stop_before_the_next_stage(encoder):
-    calls = {i: 0 for i in range(3)}
+def count_block_calls(encoder: TinyEncoder) -> dict[int, int]:
+    calls = {i: 0 for i in range(len(encoder.layers))}
     for i, block in enumerate(encoder.layers):
         block.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
-    prune_(encoder, 0.5, "contribution", encoder_batches(4, 0), targets=in_layers,
-           sequential=True, progress=False)
+    return calls
+
+
+def test_sequential_runs_each_block_twice_per_batch(encoder):
+    calls = count_block_calls(encoder)
+    report = prune_(encoder, 0.5, "contribution", encoder_batches(4, 0), targets=in_layers,
+                    sequential=True, progress=False)
+    # One probe call; then per block its statistics and its pruned outputs on the 4
+    # batches (the last block's outputs feed nothing).
+    assert calls == {0: 1 + 2 * 4, 1: 1 + 2 * 4, 2: 1 + 1 * 4}
+    assert report.mode == "blocks" and report.block_calls == 5 * 4 and report.passes == 3
+
+
+def test_custom_stages_run_whole_model_passes_that_stop_before_the_next_stage(encoder):
+    calls = count_block_calls(encoder)
+    report = prune_(encoder, 0.5, "contribution", encoder_batches(4, 0), targets=in_layers,
+                    sequential=True, stages=block_of, progress=False)
     # One probe call, then stage k completes blocks 0..k on the 4 batches and stops.
     assert calls == {0: 1 + 3 * 4, 1: 1 + 2 * 4, 2: 1 + 1 * 4}
+    assert report.mode == "stages" and "custom stages" in report.notes[0]
 
 
 def test_one_pass_iterator_is_replayed_for_sequential_stages(encoder):
@@ -144,8 +160,8 @@ def test_cnn_with_conv_and_linear_targets():
     for rec, base in zip(report.targets, measured.targets, strict=True):
         assert rec.relative_error <= base.relative_error + 1e-6
         features = math.prod(rec.shape[1:])
-        # Row scope removes round(s * F) per row; dead inputs of a layer may add more.
-        assert rec.sparsity >= base.sparsity == round(0.5 * features) / features
+        # Row scope removes round(s * F) per row, dead inputs (ReLU zeros) included.
+        assert rec.sparsity == base.sparsity == round(0.5 * features) / features
     staged = prune_(dense, 0.5, "contribution", calib, reconstruct=True,
                     sequential=True, progress=False)
     assert [r.stage for r in staged.targets] == ["features.0", "features.2", "head.1", "head.3"]
@@ -240,8 +256,25 @@ def test_a_failing_later_stage_restores_the_stages_already_written(encoder):
     flaky = Flaky(bad_pass=4)  # probe, stage 0, stage 1, then stage 2 fails
     with pytest.raises(ValueError, match="batch 1"):
         prune_(encoder, 0.5, "contribution", flaky, targets=in_layers, reconstruct=True,
-               sequential=True, progress=False)
+               sequential=True, stages=block_of, progress=False)
     assert flaky.passes == 4
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_failing_later_block_restores_the_blocks_already_written(encoder):
+    before = state(encoder)
+    seen = []
+
+    def fail_after_the_probe(module, args):
+        seen.append(1)
+        if len(seen) > 1:  # the probe's call passes; the block's statistics pass fails
+            raise RuntimeError("out of memory")
+
+    encoder.layers[2].register_forward_pre_hook(fail_after_the_probe)
+    with pytest.raises(ValueError, match="RuntimeError: out of memory"):
+        prune_(encoder, 0.5, "contribution", encoder_batches(2, 0), targets=in_layers,
+               reconstruct=True, sequential=True, progress=False)
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -250,3 +283,42 @@ def test_block_of():
     assert block_of("encoder.layer.3.attention.self.query") == "encoder.layer.3"
     assert block_of("features.0") == "features.0"
     assert block_of("fc1") == "fc1"
+
+
+def dead_inputs(n: int, dead: slice) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x = torch.randn(32, 16, generator=g)
+        x[:, dead] = 0.0  # features never active on the calibration data
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "contribution"])
+def test_dead_input_features_never_push_sparsity_past_the_request(mlp, criterion):
+    report = prune_(mlp, 0.1, criterion, dead_inputs(3, slice(0, 9)), reconstruct=True,
+                    progress=False)
+    first = report.targets[0]
+    assert first.dead_features == 9
+    # Row scope: round(0.1 * 16) = 2 of 16 per row, not the 9 dead columns on top.
+    assert first.sparsity == 2 / 16
+    assert all(r.sparsity == round(0.1 * r.shape[1]) / r.shape[1] for r in report.targets)
+    assert bool((mlp[0].weight != 0).sum(1).eq(14).all())
+    assert "zero on every calibration input" in str(report)
+
+
+def test_all_zero_calibration_is_refused_before_any_weight_changes(mlp):
+    before = state(mlp)
+    with pytest.raises(ValueError, match=r"'0.weight' received only zeros"):
+        prune_(mlp, 0.5, "contribution", dead_inputs(2, slice(None)), reconstruct=True,
+               progress=False)
+    for k, v in mlp.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_all_zero_inputs_leave_the_error_unmeasured_not_zero(mlp):
+    report = prune_(mlp, 0.5, "magnitude", dead_inputs(2, slice(None)), measure_error=True,
+                    progress=False)
+    assert report.targets[0].relative_error is None
+    assert report.targets[0].dead_features == 16 and report.sparsity() == pytest.approx(0.5)

@@ -105,15 +105,26 @@ def test_upper_factor_inverts_the_damped_hessian():
     torch.testing.assert_close(upper.T @ upper, inv)
 
 
-def test_dead_features_are_zeroed_without_nan():
+def test_dead_features_keep_the_weights_the_mask_keeps():
     w, x, _, mask = problem(3, 5, 10, 40, 0.6)
     x[:, [2, 7]] = 0.0
     h = x.T @ x / 40
     rec = reconstruct(w, mask, h)
     assert rec.dead.nonzero().flatten().tolist() == [2, 7]
     assert bool(torch.isfinite(rec.weight).all())
-    assert bool((rec.weight[:, [2, 7]] == 0).all())
+    # Only the mask prunes: the weights of dead features it keeps are left as they were.
+    assert torch.equal(rec.weight != 0, mask)
+    dead = torch.zeros_like(mask)
+    dead[:, [2, 7]] = True
+    assert torch.equal(rec.weight[dead & mask], w[dead & mask])
     assert output_error(w, rec.weight, x) <= output_error(w, torch.where(mask, w, 0.0), x) + 1e-6
+
+
+def test_an_all_zero_hessian_prunes_exactly_the_mask():
+    w, _, _, mask = problem(7, 4, 8, 20, 0.5)
+    rec = reconstruct(w, mask, torch.zeros(8, 8))
+    assert bool(rec.dead.all())
+    assert torch.equal(rec.weight, torch.where(mask, w, 0.0))
 
 
 @pytest.mark.parametrize("kind", ["rank-one", "huge-range", "zero", "tiny"])

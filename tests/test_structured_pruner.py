@@ -157,12 +157,12 @@ def test_l2_and_bn_scale_scores() -> None:
 
 def test_bn_scale_needs_batchnorm_and_channels() -> None:
     model = models.MLP(3, (5,), 2)
-    pruner = sc.Pruner(model, 0.4, "bn_scale", granularity="channel",
-                       example_inputs=torch.randn(1, 3))
+    # Both are refused when the pruner is built, before any step.
     with pytest.raises(ValueError, match="BatchNorm"):
-        pruner.update()
+        sc.Pruner(model, 0.4, "bn_scale", granularity="channel",
+                  example_inputs=torch.randn(1, 3))
     with pytest.raises(TypeError, match="whole channel groups"):
-        sc.Pruner(model, 0.4, "bn_scale").update()
+        sc.Pruner(model, 0.4, "bn_scale")
 
 
 @pytest.mark.parametrize("criterion", ["contribution", "taylor"])

@@ -9,6 +9,7 @@ Example:
     $ secateurs demo --quick
     $ secateurs tune --task digits --budget 0.01
     $ secateurs sensitivity --task mnist1d --option channels=128
+    $ secateurs prune ./my-model --calibration calib.txt --sparsity 0.5 --out ./pruned
 """
 
 from __future__ import annotations
@@ -311,6 +312,99 @@ def _sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Criteria a recipe can name, spelt here for a torch-free ``--help`` (a test keeps them
+#: registered).
+PRUNE_CRITERIA = ("contribution", "magnitude", "random")
+
+
+def _prune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="a Hugging Face model folder, or module:function returning "
+                             "secateurs.hub.LoadedModel or (model, tokenizer)")
+    parser.add_argument("--calibration", required=True, metavar="FILE",
+                        help="calibration text: .txt (one sample per line, or per paragraph "
+                             "when blank lines separate them) or .jsonl (a 'text' field)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="new folder for the pruned model, recipe.yaml, report.md, "
+                             "metrics.json and layers.png")
+    parser.add_argument("--recipe", metavar="R.yaml",
+                        help="the run as a recipe; the options below override its fields")
+    parser.add_argument("--eval", metavar="FILE", dest="eval_file",
+                        help="text on which fidelity is measured before and after "
+                             "(perplexity for causal LMs, mean cosine for encoders)")
+    parser.add_argument("--device", metavar="D",
+                        help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    group = parser.add_argument_group("recipe fields")
+    group.add_argument("--criterion", metavar="NAME",
+                       help=f"{', '.join(PRUNE_CRITERIA)}, ... (default contribution)")
+    group.add_argument("--option", type=_option, action="append", default=None,
+                       metavar="KEY=VALUE", help="a criterion option, e.g. p=1 (repeatable)")
+    group.add_argument("--sparsity", type=float, metavar="S",
+                       help="fraction of weights removed per target (default 0.5; with "
+                            "N:M, 1 - N/M)")
+    group.add_argument("--granularity", metavar="G", help="element or N:M such as 2:4")
+    group.add_argument("--scope", choices=("row", "layer", "global"))
+    group.add_argument("--allocation", choices=("uniform", "owl"),
+                       help="owl: per-block sparsities from outlier ratios (Yin et al. 2023)")
+    group.add_argument("--targets", metavar="REGEX",
+                       help="targets by regular expression (default: the linear layers of "
+                            "the repeated blocks; lm_head and embeddings excluded)")
+    group.add_argument("--exclude", metavar="REGEX", help="targets left dense")
+    group.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                       help="update kept weights to minimise each layer's output error")
+    group.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                       help="prune block by block on the pruned blocks' outputs (default on)")
+    group.add_argument("--samples", type=_integer(1), metavar="N",
+                       help="calibration samples (default 128)")
+    group.add_argument("--sequence-length", type=_integer(1), metavar="N",
+                       help="tokens per sample at most (default 512)")
+    group.add_argument("--batch-size", type=_integer(1), metavar="N",
+                       help="samples per batch (default 8)")
+    group.add_argument("--seed", type=_integer(0), metavar="S",
+                       help="seed of the draw of calibration samples (default 0)")
+    parser.add_argument("--threads", type=_integer(1), metavar="N",
+                        help="torch intra-op threads (default: torch's own)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields = {k: getattr(args, k) for k in ("criterion", "sparsity", "granularity", "scope",
+                                            "allocation", "targets", "exclude",
+                                            "reconstruct", "sequential")}
+    if args.option is not None:
+        fields["criterion_options"] = dict(args.option)
+    calibration = {k: getattr(args, k) for k in ("samples", "sequence_length", "batch_size",
+                                                 "seed")}
+    fields["calibration"] = {k: v for k, v in calibration.items() if v is not None}
+    return {k: v for k, v in fields.items() if v is not None and v != {}}
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .recipes import Recipe, prune_checkpoint, read_mapping
+
+    try:
+        data = read_mapping(args.recipe) if args.recipe else {}
+        changes = _recipe_fields(args)
+        if "calibration" in changes:
+            changes["calibration"] = {**data.get("calibration", {}), **changes["calibration"]}
+        recipe = Recipe.from_dict({**data, **changes})
+        run = prune_checkpoint(args.model, args.calibration, args.out, recipe,
+                               eval_file=args.eval_file, device=args.device,
+                               progress=not args.no_progress, command=args.command_line)
+    except ValueError as error:
+        raise SystemExit(f"secateurs prune: {error}") from None
+    prune, fid = run.metrics["prune"], run.metrics["fidelity"]
+    print(f"Pruned {len(run.report.targets)} targets to {prune['sparsity']:.1%} sparsity in "
+          f"{prune['seconds']:.1f} s ({prune['mode']}).")
+    if fid is not None:
+        print(f"{fid['metric']} on {fid['samples']} samples: {fid['before']:.4f} before, "
+              f"{fid['after']:.4f} after.")
+    for note in run.report.notes:
+        print(f"Note: {note}")
+    print(f"Model, recipe and report written to {run.folder}")
+    return 0
+
+
 #: The subcommands, by name.
 COMMANDS: dict[str, Command] = {
     "demo": Command(
@@ -337,6 +431,14 @@ COMMANDS: dict[str, Command] = {
                     "several sparsities; print and plot the validation metric against "
                     "sparsity, one line per target, and allocate per-target sparsities "
                     "meeting --overall while protecting the sensitive targets."),
+    "prune": Command(
+        "prune", "prune your own checkpoint in one shot; write a model folder and a report",
+        _prune_arguments, _prune,
+        description="Prune a Hugging Face model folder (or module:function) in one shot "
+                    "from calibration text, as a recipe says (criterion, sparsity or OWL "
+                    "allocation, granularity, reconstruction, block-by-block calibration), "
+                    "and write a folder that from_pretrained loads, with the applied "
+                    "recipe, report.md, metrics.json and a per-layer plot."),
 }
 
 

@@ -20,16 +20,20 @@ masks. What differs between ranks is the data: a data-driven criterion (``contri
   criterion seeded per rank), ends identical; costs a broadcast of the target weights per
   update, and the masks follow rank 0's data only.
 
-Calibration statistics of a one-shot pass (:func:`all_reduce_stats_`) are sums and are
-summed across ranks. Checkpoints are written by one rank, with every rank's RNG states,
-and read by all: :func:`secateurs.checkpoint.save_distributed` and
-:func:`secateurs.checkpoint.load_distributed`.
+A plain ``pruner.step()`` under a process group does not let ranks drift apart either:
+the built-in data-driven criteria average their statistics across ranks themselves
+before scoring (see :class:`~secateurs.criteria.DataCriterion`); :func:`step` adds the
+check that the masks agree, and the broadcast mode.
 
-FSDP is not supported: under FSDP2 (``fully_shard``) parameters are ``DTensor`` shards, a
-:class:`~secateurs.Pruner` built on them creates ``DTensor`` masks, and selection fails
-(``topk``/``scatter_`` mix ``DTensor`` and plain tensors). Supporting it needs scores
-gathered per target (or a distributed top-k) and masks sharded like their parameters.
-Prune before sharding, or train with DDP.
+Calibration statistics of a one-shot pass (:func:`all_reduce_stats_`) are sums and are
+summed across ranks. Checkpoints are written by one rank, with every rank's RNG states
+and criterion statistics, and read by all: :func:`secateurs.checkpoint.save_distributed`
+and :func:`secateurs.checkpoint.load_distributed`.
+
+FSDP is not supported: under FSDP2 (``fully_shard``) parameters are ``DTensor`` shards,
+and a :class:`~secateurs.Pruner` refuses them when it is built. Supporting them needs
+scores gathered per target (or a distributed top-k) and masks sharded like their
+parameters. Prune before sharding, or train with DDP.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from torch import nn
 
 from .calibration import InputStats
 from .criteria import Criterion
+from .criteria.data import DataCriterion
 from .pruner import Pruner
 
 __all__ = [
@@ -118,6 +123,9 @@ def all_reduce_criterion_(criterion: Criterion) -> None:
     moving average of ``mean |x|^p``); a criterion without tensors is left alone.
     """
     if world_size() == 1:
+        return
+    if isinstance(criterion, DataCriterion):
+        criterion.all_reduce_()  # the same average, and the criterion knows it is shared
         return
     state = criterion.state_dict()
     floats = [t for t in _tensors(state) if t.is_floating_point()]
@@ -200,7 +208,15 @@ def _reduce_then_step(pruner: Pruner) -> bool:
 
 
 def _step_then_broadcast(pruner: Pruner) -> bool:
-    updated = pruner.step()
+    crit = pruner.criterion
+    if isinstance(crit, DataCriterion) and crit.sync:
+        crit.sync = False  # rank 0's masks win: no need to average the statistics first
+        try:
+            updated = pruner.step()
+        finally:
+            crit.sync = True
+    else:
+        updated = pruner.step()
     if updated:
         broadcast_pruned_(pruner)
     return updated

@@ -6,6 +6,7 @@ It holds no maths of its own: criteria score, :mod:`secateurs.selection` selects
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -18,8 +19,9 @@ from torch.utils.hooks import RemovableHandle
 
 from . import validation as check
 from .criteria import Criterion, GroupCriterion, get_criterion
+from .criteria.group import BNScale
 from .graph import ChannelGroup, ChannelPlan, Structure, plan_channels
-from .masks import MaskSet, PrunedValues
+from .masks import GradientMask, MaskSet, PrunedValues, is_elementwise
 from .schedules import Schedule
 from .selection import (
     Granularity,
@@ -32,7 +34,7 @@ from .selection import (
     select_units,
 )
 from .tables import text_table
-from .targets import TargetSpec, resolve_targets
+from .targets import Target, TargetSpec, resolve_targets
 
 __all__ = ["Pruner", "SparsitySpec", "Summary", "TargetSummary"]
 
@@ -43,8 +45,11 @@ class Pruner:
     At step ``t`` (the number of earlier :meth:`step` calls), when ``t % update_every == 0``
     and the target sparsity has changed (or the criterion regrows by design), the masks are
     recomputed: the criterion scores every target, selection keeps the best units at the
-    target sparsity. Then, at every step, masked weights and the matching entries of every
-    optimizer state tensor are set to zero, so pruned weights stay exactly zero.
+    target sparsity. Masked weights and the matching entries of every optimizer state tensor
+    are set to zero, so pruned weights stay exactly zero: with the usual optimizers (SGD,
+    Adam, AdamW, ...: :data:`secateurs.masks.ELEMENTWISE_OPTIMIZERS`) when the masks change,
+    the masked gradients being zeroed before each optimizer step in between; otherwise, or
+    without an optimizer, at every step.
 
     Args:
         model: The model; its ``state_dict`` keys are never changed.
@@ -101,8 +106,15 @@ class Pruner:
             targets = list(sparsity)
         self.model = model
         self.targets = resolve_targets(model, targets)
+        _refuse_sharded(self.targets)
         self.criterion = get_criterion(criterion)
         self.granularity = parse_granularity(granularity)
+        if isinstance(self.criterion, BNScale) and self.granularity.kind != "channel":
+            # A TypeError too: scoring elements with it always was one.
+            raise check.ArgumentTypeError(
+                f"criterion 'bn_scale' scores whole channel groups by their BatchNorm "
+                f"scales; use granularity='channel' with example_inputs (got granularity "
+                f"{self.granularity}), or criterion 'l1' to score elements")
         check_scope(scope, self.granularity)
         self.scope = scope
         self.update_every = check.integer("update_every", update_every, low=1)
@@ -122,9 +134,14 @@ class Pruner:
         self.plan: ChannelPlan | None = None
         if example_inputs is not None:
             self.plan = self._plan_channels(example_inputs)
+            if isinstance(self.criterion, BNScale):
+                for group in self.plan.groups.values():
+                    self.criterion.scales(group, model)  # refuses a group without one
         self.masks = MaskSet(self.targets + ([] if self.plan is None else self.plan.coupled))
         self._step = 0
         self._applied: dict[str, float] | None = None
+        self._gradient_mask: GradientMask | None = None  # made at the first enforcement
+        self._enforced = -1  # the masks' version when weights and state were last zeroed
         # A criterion that regrows by design keeps training its pruned weights behind the mask.
         self._pruned_values = PrunedValues(self.masks, [t.name for t in self.targets]) \
             if self.criterion.regrows else None
@@ -149,6 +166,10 @@ class Pruner:
         """Detach the criterion's statistics hooks and the order check (masks stay)."""
         self.criterion.close()
         self.close_order_check()
+        if self._gradient_mask is not None:
+            self._gradient_mask.close()
+            self._gradient_mask = None
+            self._enforced = -1
 
     def _check_order(self, module: nn.Module, args: Any) -> None:
         """On the first forwards after the first mask update: masked weights must be zero,
@@ -206,10 +227,17 @@ class Pruner:
     def step(self) -> bool:
         """Update masks when due, then enforce them. Call right after ``optimizer.step()``.
 
+        Enforcement follows the masks' version (see :meth:`_enforce`): with an element-wise
+        optimizer, weights and optimizer state are zeroed when the masks changed (an update,
+        :meth:`load_state_dict`, :meth:`adopt_masks_`), the gradients in between. Weights
+        written from outside the optimizer between mask changes (``model.load_state_dict``
+        of other weights) are zeroed again by ``pruner.adopt_masks_(dict(pruner.masks))``.
+
         Returns:
             ``True`` when the masks were recomputed at this step (a prune event, e.g. for LR
             rewinding).
         """
+        self.masks.follow_()
         if self._pruned_values is not None:
             self._pruned_values.accumulate_()
         updated = self._step % self.update_every == 0 and self._due()
@@ -235,6 +263,7 @@ class Pruner:
         Raises:
             ValueError: if a target holds NaN or Inf (nothing is changed).
         """
+        self.masks.follow_()
         for name in self.masks:
             if not bool(torch.isfinite(self.masks.target(name).param).all()):
                 raise ValueError(f"target {name!r} holds NaN or Inf values; masks cannot be "
@@ -341,10 +370,37 @@ class Pruner:
         self._enforce()
 
     def _enforce(self) -> None:
-        """Zero masked weights and, unless the criterion regrows, their optimizer state."""
-        self.masks.apply_()
-        if self.optimizer is not None and not self.criterion.regrows:
-            self.masks.apply_to_optimizer_(self.optimizer)
+        """Zero masked weights and, unless the criterion regrows, their optimizer state.
+
+        With an optimizer of :data:`~secateurs.masks.ELEMENTWISE_OPTIMIZERS` (and a criterion
+        that does not regrow), weights and state are zeroed only when the masks changed
+        since they last were, and a :class:`~secateurs.masks.GradientMask` zeroes the masked
+        gradients before each optimizer step, which keeps them zero in between; targets the
+        optimizer does not update have their weights zeroed at every call. Otherwise
+        (no optimizer, another kind of optimizer, a criterion that regrows) weights, and the
+        optimizer's state where there is one, are zeroed at every call.
+        """
+        opt = self.optimizer
+        if opt is None or self.criterion.regrows or not is_elementwise(opt):
+            self.masks.apply_()
+            if opt is not None and not self.criterion.regrows:
+                self.masks.apply_to_optimizer_(opt)
+            return
+        grads = self._gradient_mask
+        if grads is None or grads.optimizer is not opt:  # first call, or a new optimizer
+            if grads is not None:
+                grads.close()
+            self._gradient_mask = grads = GradientMask(self.masks, opt)
+            self._enforced = -1
+        if self.masks.version != self._enforced:
+            self.masks.apply_()
+            self.masks.apply_to_optimizer_(opt)
+            self._enforced = self.masks.version
+            return
+        sparse = self.masks.sparse_names()
+        if sparse:
+            covered = grads.covered()
+            self.masks.apply_([n for n in sparse if n not in covered])
 
     @property
     def step_count(self) -> int:
@@ -397,25 +453,89 @@ class Pruner:
             else self._pruned_values.state_dict(),
         }
 
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` takes ``state``; nothing
+        changes. Tensors may be on the ``meta`` device (shapes and dtypes are checked)."""
+        keys = {"step", "masks", "applied", "criterion"}
+        if not isinstance(state, Mapping) or not keys <= set(state):
+            raise ValueError(f"a pruner state is a mapping with keys {sorted(keys)}")
+        step = state["step"]
+        if type(step) is not int or step < 0:
+            raise ValueError(f"state 'step' must be an integer >= 0, got {step!r}")
+        _check_like("masks", state["masks"], self.masks)
+        values = state.get("pruned_values")
+        if self._pruned_values is not None:
+            if values is None:
+                raise ValueError(f"criterion {self.criterion!r} regrows and needs the "
+                                 "state's 'pruned_values'; the state has none")
+            _check_like("pruned values", values,
+                        {t.name: t.param for t in self.targets})
+        applied = state["applied"]
+        if applied is not None and not (isinstance(applied, Mapping) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+                for v in applied.values())):
+            raise ValueError(f"state 'applied' must map target names to sparsities in "
+                             f"[0, 1], got {applied!r:.80}")
+        check_criterion = getattr(self.criterion, "check_state_dict", None)
+        if check_criterion is not None:
+            check_criterion(state["criterion"])
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; masks are validated before anything changes.
+        """Restore :meth:`state_dict`, all or nothing: the state is checked first
+        (:meth:`check_state_dict`), and if a part is refused all the same, what was
+        already restored is put back.
 
         Model weights and optimizer state are restored by their own ``load_state_dict``.
         """
-        step = state["step"]
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"state 'step' must be an integer >= 0, got {step!r}")
-        values = state.get("pruned_values")
-        if self._pruned_values is not None and values is None:
-            raise ValueError(f"criterion {self.criterion!r} regrows and needs the state's "
-                             "'pruned_values'; the state has none")
-        self.masks.load_state_dict(state["masks"])
-        if self._pruned_values is not None and values is not None:
-            self._pruned_values.load_state_dict(values)
+        self.check_state_dict(state)
+        before = self.state_dict()
+        try:
+            self._restore(state)
+        except BaseException:
+            self._restore(before)
+            raise
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
         self.criterion.load_state_dict(state["criterion"])
-        self._step = step
+        self.masks.load_state_dict(state["masks"])
+        if self._pruned_values is not None:
+            self._pruned_values.load_state_dict(state["pruned_values"])
+        self._step = state["step"]
         applied = state["applied"]
         self._applied = None if applied is None else dict(applied)
+
+
+def _check_like(kind: str, state: Any, live: Mapping[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless ``state`` maps the names of ``live`` to tensors of their
+    shapes and dtypes."""
+    if not isinstance(state, Mapping) or set(state) != set(live):
+        names = set(state) if isinstance(state, Mapping) else set()
+        raise ValueError(f"{kind} names do not match the targets: missing "
+                         f"{sorted(set(live) - names)[:8]}, unexpected "
+                         f"{sorted(names - set(live))[:8]}")
+    for name, v in state.items():
+        want = live[name]
+        if not isinstance(v, torch.Tensor) or v.shape != want.shape or v.dtype != want.dtype:
+            got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) \
+                else type(v).__name__
+            raise ValueError(f"{kind} for {name!r} must be {want.dtype} of shape "
+                             f"{tuple(want.shape)}, got {got}")
+
+
+def _refuse_sharded(targets: list[Target]) -> None:
+    """Refuse ``DTensor`` parameters (FSDP2, tensor parallelism), whose selection would
+    fail at the first mask update."""
+    # A DTensor exists only once its module is imported: nothing to import (or pay) here.
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    sharded = [t.name for t in targets if dtensor is not None and isinstance(t.param, dtensor)]
+    if sharded:
+        raise TypeError(
+            f"targets {sharded[:4]}{'...' if len(sharded) > 4 else ''} are DTensor shards "
+            "(FSDP2 fully_shard, or tensor parallelism), which a Pruner cannot prune: train "
+            "with DistributedDataParallel and call secateurs.distributed.step(pruner) after "
+            "optimizer.step(), or prune the unsharded model first (secateurs.prune_, or a "
+            "Pruner) and shard the pruned model afterwards")
 
 
 def _order_check(pruner: Pruner) -> Callable[[nn.Module, Any], None]:
@@ -424,6 +544,10 @@ def _order_check(pruner: Pruner) -> Callable[[nn.Module, Any], None]:
     ref = weakref.ref(pruner)
 
     def hook(module: nn.Module, args: Any) -> None:
+        # Under torch.compile the check would break the graph (it reads tensors into
+        # Python numbers): the compiled forward skips it; eager forwards still check.
+        if torch.compiler.is_compiling():
+            return
         owner = ref()
         if owner is not None:
             owner._check_order(module, args)

@@ -32,9 +32,10 @@ class Reconstructed:
 
     Attributes:
         weight: The new weight, shaped and typed like the input weight, exactly zero where
-            the mask is ``False`` and on dead input features.
+            the mask is ``False``: its sparsity is the mask's.
         dead: Bool ``(F,)``: input features never active on the calibration inputs
-            (``H_jj == 0``); their weights are zeroed.
+            (``H_jj == 0``). Their weights affect no output on those inputs: the kept ones
+            keep their values, the pruned ones are zero, as the mask says.
         damping: The damping ``lambda`` added to ``diag(H)`` (raised from
             ``percdamp * mean(diag H)`` when a Cholesky factorisation failed).
         relative_error: ``tr(dW H dW^T) / tr(W H W^T)`` of the new weight (see
@@ -129,12 +130,17 @@ class Reconstruction:
         original = weight.detach().flatten(1).float()
         h = hessian.detach().double().clone()
         dead = h.diagonal() == 0
-        # A feature never active carries no information: SparseGPT sets H_jj = 1 (so H
-        # stays invertible) and zeroes its weights.
-        h.diagonal()[dead] = 1.0
-        keep = mask.flatten(1).to(original.device) & ~dead
+        # A feature never active has a zero row and column in H: its weights change no
+        # output on these inputs. SparseGPT sets H_jj = 1 and zeroes those weights, which
+        # prunes beyond the mask (whole layers when every input is zero). Here the mask
+        # decides: H_jj gets the mean of the live diagonal (H stays invertible, the damping
+        # keeps its scale), the feature stays decoupled, so the OBS update and the
+        # refinement leave its kept weights as they were and zero only its pruned ones.
+        live = h.diagonal()[~dead]
+        h.diagonal()[dead] = float(live.mean()) if live.numel() else 1.0
+        keep = mask.flatten(1).to(original.device)
         upper, damp = inverse_cholesky(h, self.percdamp)
-        w = torch.where(dead, 0.0, original)
+        w = original.clone()
         _update(w, keep, upper.float(), self.block_size)
         w = torch.where(keep, w, 0.0)
         if self.refine:

@@ -5,14 +5,18 @@
 Each rank trains on its half of every global batch and writes ``OUT_DIR/rank{r}.json``:
 fingerprints of its masks and weights after training, for each criterion, and (rank 0)
 how far they are from a single process trained on the whole global batches; then a
-checkpoint written by rank 0 and read back by every rank.
+checkpoint written by rank 0 and read back by every rank; runs resumed from a checkpoint
+taken between two mask updates against uninterrupted ones; and a save whose writing rank
+fails.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +33,14 @@ from secateurs.schedules import Cubic
 
 STEPS = 12
 GLOBAL_BATCH = 16
+RESUME_AT = 4  # steps before the checkpoint: masks were updated at step 2, next at 4
 CASES = {  # name -> (criterion options, sync)
     "magnitude": ({"spec": "magnitude"}, "reduce"),
     "contribution": ({"spec": "contribution"}, "reduce"),
     "random_per_rank": ({"spec": "random"}, "broadcast"),
-    "contribution_unsynced": ({"spec": "contribution"}, "none"),  # the control
+    "contribution_plain": ({"spec": "contribution"}, "plain"),  # pruner.step() alone
+    # The control: statistics kept per rank, plain pruner.step().
+    "contribution_unsynced": ({"spec": "contribution", "sync": False}, "none"),
 }
 
 
@@ -74,29 +81,77 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def train(case: str, world: int, rank: int) -> tuple[nn.Module, sc.Pruner]:
+def make(case: str, rank: int) -> tuple[nn.Module, torch.optim.Optimizer, sc.Pruner]:
     options, sync = CASES[case]
-    seed = rank if case == "random_per_rank" else 0  # per-rank state: only broadcast agrees
-    criterion = get_criterion(options["spec"], **({"seed": seed} if sync == "broadcast" else {}))
-    model, optimizer, pruner = build(criterion)
+    options = dict(options)
+    spec = options.pop("spec")
+    if sync == "broadcast":  # per-rank state: only broadcast agrees
+        options["seed"] = rank if case == "random_per_rank" else 0
+    return build(get_criterion(spec, **options))
+
+
+def run(case: str, objects: tuple[nn.Module, torch.optim.Optimizer, sc.Pruner], world: int,
+        rank: int, start: int = 0, stop: int = STEPS) -> None:
+    """Steps ``start`` to ``stop`` of the run on this rank's half of each global batch."""
+    model, optimizer, pruner = objects
+    sync = CASES[case][1]
     ddp = DistributedDataParallel(model) if world > 1 else model
     local = GLOBAL_BATCH // world
-    for x, y in batches():
+    for x, y in batches()[start:stop]:
         xs, ys = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
         optimizer.zero_grad()
         nn.functional.cross_entropy(ddp(xs), ys).backward()
         optimizer.step()
         if sync == "none":
             _unsynced(pruner)
+        elif sync == "plain":
+            pruner.step()
         else:
             distributed.step(pruner, sync=sync)
-    return model, pruner
+
+
+def train(case: str, world: int, rank: int) -> tuple[nn.Module, sc.Pruner]:
+    objects = make(case, rank)
+    run(case, objects, world, rank)
+    return objects[0], objects[2]
+
+
+def resumed(case: str, out: Path, world: int, rank: int) -> dict[str, Any]:
+    """Stop after ``RESUME_AT`` steps (each rank's statistics then hold a batch the masks
+    have not seen), save, load into fresh objects, finish: the same as never stopping."""
+    model, pruner = train(case, world, rank)
+    first = make(case, rank)
+    run(case, first, world, rank, stop=RESUME_AT)
+    path = out / f"resume-{case}.safetensors"
+    checkpoint.save_distributed(path, first[0], first[2], first[1])
+    fresh = make(case, rank)
+    checkpoint.load_distributed(path, fresh[0], fresh[2], fresh[1])
+    run(case, fresh, world, rank, start=RESUME_AT)
+    return {"weights_equal": digest(fresh[0].state_dict()) == digest(model.state_dict()),
+            "masks_equal": digest(dict(fresh[2].masks)) == digest(dict(pruner.masks)),
+            "masks": digest(dict(fresh[2].masks)),
+            "mask_elements_differ": sum(int((fresh[2].masks[n] != pruner.masks[n]).sum())
+                                        for n in pruner.masks)}
+
+
+def writer_fails(out: Path) -> dict[str, Any]:
+    """Rank 0 cannot write (no such folder): every rank must raise, at once."""
+    model, optimizer, pruner = build(get_criterion("magnitude"))
+    start = time.monotonic()
+    try:
+        checkpoint.save_distributed(out / "absent" / "x.safetensors", model, pruner, optimizer)
+        raised, message = None, ""
+    except Exception as err:
+        raised, message = type(err).__name__, str(err)
+    return {"raised": raised, "message": message, "seconds": time.monotonic() - start}
 
 
 def reference(case: str) -> tuple[nn.Module, sc.Pruner]:
     """One process, whole global batches, plain ``pruner.step()``."""
-    options, _ = CASES[case]
-    model, optimizer, pruner = build(get_criterion(options["spec"]))
+    spec = CASES[case][0]["spec"]
+    # One process: its statistics are its own (this runs on rank 0 alone).
+    model, optimizer, pruner = build(get_criterion(spec, **({"sync": False}
+                                                            if spec == "contribution" else {})))
     for x, y in batches():
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -155,14 +210,15 @@ def round_trip(out: Path, rank: int) -> dict[str, Any]:
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    # A bounded timeout: a rank left waiting fails the test in a minute, not in thirty.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     result: dict[str, Any] = {"rank": rank, "world": world, "cases": {}}
     for case in CASES:
         model, pruner = train(case, world, rank)
         row = {"masks": digest(dict(pruner.masks)), "weights": digest(model.state_dict()),
                "sparsity": pruner.sparsity()}
-        if rank == 0 and CASES[case][1] == "reduce":
+        if rank == 0 and CASES[case][1] in ("reduce", "plain"):
             ref_model, ref_pruner = reference(case)
             row["masks_equal_single"] = all(torch.equal(pruner.masks[n], ref_pruner.masks[n])
                                             for n in pruner.masks)
@@ -173,6 +229,10 @@ def main() -> None:
     result["mismatches_detected_unsynced"] = len(MISMATCHES)
     result["one_shot"] = one_shot_statistics(rank, world)
     result["checkpoint"] = round_trip(out, rank)
+    result["resume"] = {case: resumed(case, out, world, rank)
+                        for case in ("contribution", "contribution_plain")}
+    result["writer_fails"] = writer_fails(out)
+    dist.barrier()  # a rank that returned early from the failed save would meet the others here
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()
 

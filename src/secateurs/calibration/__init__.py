@@ -1,12 +1,14 @@
 """Calibration: passes over sample inputs that collect streaming statistics of each target
 layer's input features (per-feature sums of ``|x|`` and ``x^2``, counts, ``X^T X``), and
 gradient sums for first-order criteria. A criterion declares what it needs as a
-:class:`Request`; :func:`observe` runs the passes."""
+:class:`Request`; :func:`observe` runs the passes. :mod:`.pipeline` runs them block by
+block for sequential pruning (:class:`BlockPipeline`: cost linear in depth)."""
 
 from __future__ import annotations
 
 from .collect import (
     Batch,
+    Call,
     LossFn,
     calibrate,
     call_order,
@@ -20,11 +22,16 @@ from .collect import (
 )
 from .features import FeatureMap, feature_map, register_feature_map
 from .observe import Observed, Request, observe
+from .pipeline import BlockPipeline, BlockPlan, Blocks, plan_blocks, repeated_blocks
 from .stats import DEFAULT_POWERS, InputStats, check_power
 
 __all__ = [
     "DEFAULT_POWERS",
     "Batch",
+    "BlockPipeline",
+    "BlockPlan",
+    "Blocks",
+    "Call",
     "FeatureMap",
     "InputStats",
     "LossFn",
@@ -40,7 +47,9 @@ __all__ = [
     "input_tensor",
     "model_device",
     "observe",
+    "plan_blocks",
     "register_feature_map",
+    "repeated_blocks",
     "run_batch",
     "to_device",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +31,22 @@ _EMPTY = ("calibration yielded no batches; pass a non-empty iterable of batches 
 
 # -- batches ---------------------------------------------------------------------------------
 
+@dataclass
+class Call:
+    """One call of a module, recorded: ``module(*args, **kwargs)``.
+
+    A batch of this kind is what the layer-wise pipeline replays into one block
+    (:mod:`secateurs.calibration.pipeline`); any calibration pass accepts it.
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _call_call(model: nn.Module, batch: Batch) -> Any:
+    return model(*batch.args, **batch.kwargs)
+
+
 def _call_mapping(model: nn.Module, batch: Batch) -> Any:
     return model(**batch)
 
@@ -44,6 +61,7 @@ def _call_tensor(model: nn.Module, batch: Batch) -> Any:
 
 # Checked in order: a tokenizer's BatchEncoding is a Mapping, a namedtuple is a tuple.
 _CALLERS: tuple[tuple[type | tuple[type, ...], Callable[[nn.Module, Batch], Any]], ...] = (
+    (Call, _call_call),
     (Mapping, _call_mapping),
     ((tuple, list), _call_sequence),
     (torch.Tensor, _call_tensor),
@@ -54,6 +72,8 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     """``batch`` with every tensor inside it (nested tuples, lists, mappings) on ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
+    if isinstance(batch, Call):
+        return Call(to_device(batch.args, device), to_device(batch.kwargs, device))
     if isinstance(batch, Mapping):
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
@@ -65,7 +85,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 def run_batch(model: nn.Module, batch: Batch) -> Any:
     """Call ``model`` on one batch: ``model(**b)`` for a mapping, ``model(*b)`` for a tuple or
-    list, ``model(b)`` for a tensor.
+    list, ``model(b)`` for a tensor, ``model(*b.args, **b.kwargs)`` for a :class:`Call`.
 
     Raises:
         TypeError: for any other kind of batch.
@@ -81,6 +101,8 @@ def describe(batch: Batch) -> str:
     """A short description of a batch for error messages: kinds and shapes."""
     if isinstance(batch, torch.Tensor):
         return f"tensor {tuple(batch.shape)}"
+    if isinstance(batch, Call):
+        return f"call{describe(batch.args)} with {describe(batch.kwargs)}"
     if isinstance(batch, Mapping):
         return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in batch.items()) + "}"
     if isinstance(batch, (tuple, list)):

@@ -6,12 +6,15 @@ by the number of batches: each batch is reduced as it arrives and then dropped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from .. import validation as check
+from .features import FeatureMap
 
 DEFAULT_POWERS: tuple[float, ...] = (1.0, 2.0)
 
@@ -24,6 +27,33 @@ def check_power(p: object) -> float:
         ValueError: unless it is a finite number ``>= 1``.
     """
     return check.number("p", p, low=1.0)
+
+
+def _finite(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def finite_power_sums(fmap: FeatureMap, module: nn.Module, x: torch.Tensor,
+                      powers: Sequence[float]) -> tuple[dict[float, torch.Tensor], int] | None:
+    """``fmap.power_sums(module, x, powers)`` that does not overflow: ``None`` when ``x``
+    itself holds NaN or Inf (or its sums overflow even float64).
+
+    The sums are reduced in float32; for finite inputs whose powers overflow it (``|x|``
+    around ``1e19`` for ``p = 2``), ``x`` is scaled by a power of two (exact) so its largest
+    element is below 1, and the sums are scaled back in float64. The check costs one
+    reduction over the ``F`` sums.
+    """
+    sums, n = fmap.power_sums(module, x, powers)
+    if _finite(list(sums.values())):
+        return sums, n
+    x = x.detach()
+    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+        return None
+    k = math.frexp(float(x.abs().max()))[1]  # max |x| < 2**k
+    scaled, n = fmap.power_sums(module, x * 2.0 ** -k, powers)
+    out = {p: s.double() * torch.exp2(torch.tensor(k * p, dtype=torch.float64, device=s.device))
+           for p, s in scaled.items()}
+    return (out, n) if _finite(list(out.values())) else None
 
 
 @dataclass
@@ -62,8 +92,12 @@ class InputStats:
             total.add_(sums[p])
         self.count += count
         if self.xtx is not None and patches is not None:
-            # One float32 GEMM per batch (fast), accumulated across batches in float64.
-            self.xtx.add_((patches.T @ patches).double())
+            # One float32 GEMM per batch (fast), accumulated across batches in float64; in
+            # float64 when float32 overflows (finite inputs around 1e19 and larger).
+            gram = (patches.T @ patches).double()
+            if not bool(torch.isfinite(gram).all()) and bool(torch.isfinite(patches).all()):
+                gram = patches.double().T @ patches.double()
+            self.xtx.add_(gram)
 
     def norm(self, p: float) -> torch.Tensor:
         """``||x_j||_p = (sum_n |x_nj|^p)^(1/p)`` per input feature."""

@@ -123,37 +123,70 @@ def _(value: dict[Any, Any], path: str, enc: Encoder) -> Any:
                        for k, v in value.items()]}
 
 
+MAX_DEPTH = 64  # nesting of a state tree; optimizer states need about 6
+
+
 def _bits(node: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     shape = [int(n) for n in node["shape"]]
+    packed = tensors[node["$bits"]]
     count = math.prod(shape)
-    flat = np.unpackbits(tensors[node["$bits"]].numpy(), count=count).astype(bool)
+    # The declared shape must fit the bytes present: a crafted shape must not allocate.
+    if min(shape, default=0) < 0 or packed.dtype != torch.uint8 or packed.dim() != 1 \
+            or -(-count // 8) != packed.numel():
+        raise ValueError(f"a mask of shape {shape} needs {-(-count // 8)} packed bytes, the "
+                         f"file holds {packed.numel()} ({packed.dtype})")
+    if packed.device.type == "meta":
+        return torch.empty(shape, dtype=torch.bool, device="meta")
+    flat = np.unpackbits(packed.numpy(), count=count).astype(bool)
     return torch.from_numpy(flat).reshape(shape)
 
 
-_DECODERS: dict[str, Callable[[dict[str, Any], Mapping[str, torch.Tensor]], Any]] = {
-    "$tensor": lambda node, ts: ts[node["$tensor"]],
-    "$bits": _bits,
-    "$ndarray": lambda node, ts: ts[node["$ndarray"]].numpy().copy(),
-    "$float": lambda node, ts: float(node["$float"]),
-    "$tuple": lambda node, ts: tuple(decode(v, ts) for v in node["$tuple"]),
-    "$items": lambda node, ts: {decode(k, ts): decode(v, ts) for k, v in node["$items"]},
+def _ndarray(node: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
+    t = tensors[node["$ndarray"]]
+    return t if t.device.type == "meta" else t.numpy().copy()
+
+
+_DECODERS: dict[str, Callable[[dict[str, Any], Mapping[str, torch.Tensor], int], Any]] = {
+    "$tensor": lambda node, ts, depth: ts[node["$tensor"]],
+    "$bits": lambda node, ts, depth: _bits(node, ts),
+    "$ndarray": lambda node, ts, depth: _ndarray(node, ts),
+    "$float": lambda node, ts, depth: float(node["$float"]),
+    "$tuple": lambda node, ts, depth: tuple(_decode(v, ts, depth) for v in node["$tuple"]),
+    "$items": lambda node, ts, depth: {_decode(k, ts, depth): _decode(v, ts, depth)
+                                       for k, v in node["$items"]},
 }
 
 
 def decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     """The state :func:`encode` turned into ``node``, its tensors taken from ``tensors``.
 
+    Tensors on the ``meta`` device (shapes and dtypes without data) give a tree of
+    ``meta`` tensors: what checks against live objects need, at no memory cost.
+
     Raises:
-        CheckpointError: for a tagged node that is malformed or refers to a missing tensor.
+        CheckpointError: for a tagged node that is malformed or refers to a missing tensor,
+            a mask whose shape does not fit its packed bytes, or a tree nested more than
+            ``MAX_DEPTH`` levels deep.
     """
+    return _decode(node, tensors, 0)
+
+
+def _decode(node: Any, tensors: Mapping[str, torch.Tensor], depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise CheckpointError(f"malformed checkpoint: state nested more than {MAX_DEPTH} "
+                              "levels deep")
     if isinstance(node, list):
-        return [decode(v, tensors) for v in node]
+        return [_decode(v, tensors, depth + 1) for v in node]
     if not isinstance(node, dict):
         return node
     tag = next((k for k in node if k.startswith("$")), None)
     if tag is None:
-        return {k: decode(v, tensors) for k, v in node.items()}
+        return {k: _decode(v, tensors, depth + 1) for k, v in node.items()}
     try:
-        return _DECODERS[tag](node, tensors)
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"malformed checkpoint node {tag!r}: {err}") from None
+        return _DECODERS[tag](node, tensors, depth + 1)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError,
+            OverflowError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"malformed checkpoint node {tag!r}: "
+                              f"{type(err).__name__}: {err}") from None

@@ -2,13 +2,13 @@
 
 A checkpoint is a safetensors file whose ``__metadata__`` holds two entries: the secateurs
 header (JSON: format, versions, meta, and the state tree with references to the tensors)
-and the SHA-256 of the content.
+and the SHA-256 of the content. The container itself is read and written by
+:mod:`.container`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import platform
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -20,7 +20,7 @@ import safetensors
 import torch
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "HASH_KEY", "HEADER_KEY", "CheckpointError",
-           "CheckpointInfo", "read_header", "versions"]
+           "CheckpointInfo", "versions"]
 
 FORMAT = "secateurs.checkpoint"
 FORMAT_VERSION = 1
@@ -29,7 +29,9 @@ HASH_KEY = "sha256"       # the one holding the content hash
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the objects it is loaded into."""
+    """A checkpoint that cannot be read, is malformed or corrupted, or does not fit the
+    objects it is loaded into; under ``torch.distributed``, also what the other ranks raise
+    when the writing rank fails to write one (naming its error)."""
 
 
 @dataclass(frozen=True)
@@ -64,29 +66,3 @@ def versions() -> dict[str, str]:
     return {"secateurs": version("secateurs"), "torch": torch.__version__,
             "safetensors": safetensors.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    """The safetensors JSON header of ``path``, after checking that the file holds every
-    byte the header lists (a truncated file raises :class:`CheckpointError`)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            raw = f.read(n) if 0 <= n <= size - 8 else b""
-    except OSError as err:
-        raise CheckpointError(f"cannot read {str(path)!r}: {err}") from None
-    if len(head) < 8 or not 0 < n <= size - 8 or len(raw) != n:
-        raise CheckpointError(f"{str(path)!r} is truncated or not a safetensors file "
-                              f"({size} bytes)")
-    try:
-        header = json.loads(raw)
-        end = max((int(v["data_offsets"][1]) for k, v in header.items()
-                   if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError):
-        raise CheckpointError(f"{str(path)!r} has a malformed safetensors header") from None
-    if 8 + n + end != size:
-        raise CheckpointError(f"{str(path)!r} is truncated or has trailing bytes: "
-                              f"its header describes {8 + n + end} bytes, the file has {size}")
-    return header

@@ -15,7 +15,10 @@ import torch.distributed as dist
 
 from .header import CheckpointError
 
-__all__ = ["gather_rng_states", "process_count", "process_rank", "rng_state", "set_rng_state"]
+__all__ = ["check_rng_state", "gather_rng_states", "process_count", "process_rank", "rng_state",
+           "set_rng_state"]
+
+_REQUIRED = ("torch", "numpy", "numpy.gauss", "python", "python.gauss")
 
 
 def process_rank() -> int:
@@ -50,7 +53,7 @@ def set_rng_state(state: Mapping[str, torch.Tensor]) -> None:
     Raises:
         CheckpointError: if ``state`` lacks a generator.
     """
-    missing = {"torch", "numpy", "numpy.gauss", "python", "python.gauss"} - set(state)
+    missing = set(_REQUIRED) - set(state)
     if missing:
         raise CheckpointError(f"RNG state lacks {sorted(missing)}")
     torch.set_rng_state(state["torch"].to(torch.uint8))
@@ -63,6 +66,42 @@ def set_rng_state(state: Mapping[str, torch.Tensor]) -> None:
     py = state["python"].tolist()
     has, value = state["python.gauss"].tolist()
     random.setstate((py[0], tuple(py[1:]), value if has else None))
+
+
+def check_rng_state(state: object, where: str, *, values: bool = False) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has every generator of
+    :func:`rng_state`, each with this process's sizes and dtypes.
+
+    Args:
+        state: What a checkpoint holds for one rank (tensors may be on the ``meta`` device).
+        where: Names the source in the message.
+        values: Also try the values: set them, then put this process's states back, so a
+            state that a generator refuses is refused here, before anything else changes.
+    """
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: RNG state must be a mapping, got "
+                              f"{type(state).__name__}")
+    live = rng_state()
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"{where}: RNG state lacks {missing}")
+    for key in _REQUIRED:
+        saved, want = state[key], live[key]
+        if not isinstance(saved, torch.Tensor) or saved.shape != want.shape \
+                or saved.dtype != want.dtype:
+            got = f"{saved.dtype} {tuple(saved.shape)}" if isinstance(saved, torch.Tensor) \
+                else type(saved).__name__
+            raise CheckpointError(f"{where}: RNG state {key!r} must be {want.dtype} of shape "
+                                  f"{tuple(want.shape)}, got {got}")
+    if not values:
+        return
+    try:
+        set_rng_state(state)
+    except (ValueError, TypeError, RuntimeError, OverflowError) as err:
+        raise CheckpointError(f"{where}: RNG state refused by its generator: "
+                              f"{type(err).__name__}: {err}") from None
+    finally:
+        set_rng_state(live)
 
 
 def _collective_device() -> torch.device:

@@ -67,7 +67,8 @@ class BNScale(GroupCriterion):
 
     Summed over the BatchNorm layers of a group (a residual stage has several). Train with
     :func:`bn_penalty` added to the loss to push unneeded scales towards zero. Scores whole
-    channel groups only: use ``granularity="channel"`` with ``example_inputs``.
+    channel groups only: use ``granularity="channel"`` with ``example_inputs`` (a
+    :class:`~secateurs.Pruner` refuses any other granularity when it is built).
     """
 
     def score(self, target: Target) -> torch.Tensor:
@@ -80,6 +81,16 @@ class BNScale(GroupCriterion):
         Raises:
             ValueError: if no BatchNorm layer in the group has a scale.
         """
+        return group.reduce(self.scales(group, model))
+
+    def scales(self, group: ChannelGroup, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Parameter name -> ``|gamma|`` of every BatchNorm scale in ``group`` (a Pruner
+        calls this once per group when it is built, so a group without one is refused
+        before training, not at the first mask update).
+
+        Raises:
+            ValueError: if no BatchNorm layer in the group has a scale.
+        """
         scales = {s.param: model.get_parameter(s.param).detach().abs() for s in group.slices
                   if s.param.endswith("weight")
                   and isinstance(model.get_submodule(s.module), nn.modules.batchnorm._BatchNorm)}
@@ -87,7 +98,7 @@ class BNScale(GroupCriterion):
             raise ValueError(f"criterion 'bn_scale' needs a BatchNorm with a scale in every "
                              f"pruned channel group; the group of {group.name!r} has none "
                              "(choose targets whose channels pass through BatchNorm, or 'l1')")
-        return group.reduce(scales)
+        return scales
 
 
 def bn_penalty(model: nn.Module) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import validation as check
 from ..graph.blocks import config_of
 from ..graph.groups import ChannelGroup, Structure, bare_copy, discover
 from ..graph.layers import out_width
@@ -76,8 +77,12 @@ def compact_(
         CompactionError: (a ``ValueError``) if a group to remove cannot be resolved, a
             layer fails, or the outputs would change; the message names the layer and
             the model is left unchanged.
-        ValueError, TypeError: for masks that do not fit the model.
+        ValueError, TypeError: for masks that do not fit the model;
+            :class:`~secateurs.validation.ArgumentTypeError` (a ``TypeError``) for
+            ``model``, ``masks``, ``optimizer`` or ``atol`` of the wrong type, before
+            anything is traced.
     """
+    _check_arguments(model, masks, optimizer, atol)
     work = bare_copy(model)
     flags = {n: p.requires_grad for n, p in work.named_parameters()}
     structure = discover(work, example_inputs, in_place=True)
@@ -120,6 +125,16 @@ def check_compactable(model: nn.Module, example_inputs: Any) -> None:
             keep[0] = False
             keeps[g.name] = keep
     compact_(work, example_inputs, structure.masks(keeps))
+
+
+def _check_arguments(model: object, masks: object, optimizer: object, atol: object) -> None:
+    check.instance("model", model, nn.Module, "a torch.nn.Module")
+    check.optional(check.instance, "masks", masks, types=Mapping,
+                   what="a mapping parameter name -> torch.bool mask (e.g. pruner.masks), "
+                        "or None")
+    check.optional(check.instance, "optimizer", optimizer, types=torch.optim.Optimizer,
+                   what="a torch.optim.Optimizer or None")
+    check.number("atol", atol, low=0.0)
 
 
 def _check_masks(masks: Mapping[str, torch.Tensor] | None,
