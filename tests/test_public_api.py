@@ -42,7 +42,9 @@ SUBPACKAGES = ("calibration", "checkpoint", "controllers", "criteria", "distribu
 
 #: What ``import secateurs`` must leave unimported.
 HEAVY = ("sklearn", "matplotlib", "secateurs.search", "secateurs.tasks", "secateurs.report",
-         "secateurs.demo", "secateurs.export", "secateurs.distributed", "secateurs.structured")
+         "secateurs.demo", "secateurs.export", "secateurs.distributed", "secateurs.structured",
+         "secateurs.integrations", "secateurs.recipes", "secateurs.hub", "transformers",
+         "lightning", "accelerate")
 
 
 def loaded_in_fresh_process(code: str, prefixes: tuple[str, ...]) -> list[str]:
