@@ -21,6 +21,7 @@ key/value heads send Torch-Pruning's index search into a loop that does not sett
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -44,9 +45,9 @@ LINEAR = F.PrunerBox[tp.ops.OPTYPE.LINEAR]
 class SlicingPruner(BasePruningFunc):
     """A Torch-Pruning handler that also says which parameter slices it removes."""
 
+    @abc.abstractmethod
     def cuts(self, layer: nn.Module, out: bool, index: torch.Tensor) -> list[Cut]:
         """The slices that removing positions ``index`` (outputs if ``out``) takes."""
-        raise NotImplementedError
 
 
 def out_width(layer: nn.Module) -> int:
