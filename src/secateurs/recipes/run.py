@@ -24,7 +24,7 @@ import torch
 
 from ..hub import LoadedModel, fidelity, load_model, read_texts, sample_texts
 from ..oneshot import PruneReport
-from ..report.records import machine
+from ..report.records import jsonable, machine
 from ..tables import markdown_table
 from .schema import Recipe
 
@@ -125,7 +125,7 @@ def prune_checkpoint(model: str | os.PathLike[str], calibration: str | os.PathLi
                        model=str(model), calibration=(str(calibration), len(chosen)),
                        eval_file=None if held is None else (str(eval_file), len(held)),
                        device=str(next(loaded.model.parameters()).device), kind=loaded.kind)
-    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1) + "\n")
+    (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1) + "\n")
     _plot_layers(report, out / "layers.png")
     (out / "report.md").write_text(_markdown(metrics, report))
     return PruneRun(out, report, loaded, metrics)
@@ -170,14 +170,6 @@ def _metrics(report: PruneReport, recipe: Recipe, before: Any, after: Any,
     }
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _mib(n: int | None) -> str:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Column", "FigureSpec", "RunRecord", "machine", "new_report_dir", "write_metrics"]
+__all__ = ["Column", "FigureSpec", "RunRecord", "jsonable", "machine", "new_report_dir",
+           "write_metrics"]
 
 
 @dataclass
@@ -77,14 +78,14 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """JSON has no NaN or Inf: they become ``null``; tuples become lists."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -100,5 +101,5 @@ def write_metrics(path: Path, *, title: str, command: str, settings: Mapping[str
                           "layers": r.layers} for r in records},
         **(extra or {}),
     }
-    path.write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
+    path.write_text(json.dumps(jsonable(payload), indent=1) + "\n")
     return path
