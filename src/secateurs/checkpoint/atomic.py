@@ -1,7 +1,7 @@
 """Atomic file writes: a process killed mid-write leaves the previous file intact.
 
 The new content goes to a temporary file in the destination's folder, created exclusively
-under an unpredictable name (``.NAME.XXXXXXXX.tmp``, as :func:`tempfile.mkstemp` makes
+under an unpredictable name (``.NAME.<random>.tmp``, as :func:`tempfile.mkstemp` makes
 them), so neither two writers (threads or processes) nor a link planted in advance can
 share it; it is written through the descriptor that created it, flushed, ``fsync``-ed and
 renamed over the destination. While it is written it carries an exclusive ``flock``: a
