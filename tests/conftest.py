@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -54,3 +55,17 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int,
         optimizer.step()
         if after_step is not None:
             after_step()
+
+
+Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def reference(factory: Factory) -> Factory:
+    """The same optimizer under a type of its own, which the pruner does not know as
+    element-wise: it then zeroes weights and state at every step, the reference that the
+    gradient-masking path must equal bit for bit."""
+    def build(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        opt = factory(params)
+        opt.__class__ = type(f"Reference{type(opt).__name__}", (type(opt),), {})
+        return opt
+    return build

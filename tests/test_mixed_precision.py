@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import reference
 from secateurs import Pruner
 from secateurs.schedules import Cubic
 
@@ -21,15 +22,6 @@ OPTIMIZERS: dict[str, Factory] = {
     # eps 1e-8 underflows in fp16 (a zero second moment then divides by zero)
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, eps=1e-4),
 }
-
-
-def reference(factory: Factory) -> Factory:
-    """The same optimizer under another type: the pruner zeroes everything every step."""
-    def build(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        opt = factory(params)
-        opt.__class__ = type(f"Reference{type(opt).__name__}", (type(opt),), {})
-        return opt
-    return build
 
 
 def train(factory: Factory, dtype: torch.dtype = torch.float32,

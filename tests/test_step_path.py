@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import reference
 from secateurs import Pruner
 from secateurs.criteria import Clipping
 from secateurs.masks import ELEMENTWISE_OPTIMIZERS, is_elementwise, zero_masked_
@@ -64,15 +65,6 @@ class Branchy(nn.Module):
         if head == "b":
             return self.b(h)
         return self.a(h) + self.b(h)
-
-
-def reference(factory: Factory) -> Factory:
-    """The same optimizer under another type, so the pruner zeroes everything every step."""
-    def build(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        opt = factory(params)
-        opt.__class__ = type(f"Reference{type(opt).__name__}", (type(opt),), {})
-        return opt
-    return build
 
 
 def train(factory: Factory, steps: int = 24, *, accumulate: int = 1, set_to_none: bool = True,
