@@ -173,6 +173,43 @@ def test_steady_steps_touch_neither_weights_nor_state_and_mask_gradients_once() 
     assert _masking_ops(pruner.step) == 0
 
 
+def _step_after(model: nn.Module, opt: torch.optim.Optimizer, pruner: Pruner,
+                between: Callable[[], None]) -> None:
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(8, 16)), torch.randint(0, 4, (8,))).backward()
+    between()
+    opt.step()
+    pruner.step()
+
+
+@pytest.mark.parametrize("how", ["added-in-place", "assigned", "masks-changed"])
+def test_gradients_changed_after_the_backward_pass_are_masked_before_the_step(how: str) -> None:
+    model, pruner, opt = train(OPTIMIZERS["sgd-momentum-wd"])
+    params = [t.param for t in pruner.targets]
+
+    def between() -> None:
+        if how == "added-in-place":  # e.g. noise, or a compressed all-reduce
+            for p in params:
+                assert p.grad is not None
+                p.grad.add_(torch.randn_like(p))
+        elif how == "assigned":  # a gradient made outside autograd
+            for p in params:
+                p.grad = torch.randn_like(p)
+        else:  # new masks between the backward pass and the step
+            pruner.masks.set_(pruner.targets[0].name,
+                              torch.rand_like(params[0]) < 0.5)
+            for p in params:
+                assert p.grad is not None
+                p.grad.add_(1.0)
+
+    for step in range(3):
+        _step_after(model, opt, pruner, between)
+        for t in pruner.targets:
+            mask = pruner.masks[t.name]
+            assert torch.all(t.param[~mask] == 0.0), (step, t.name)
+            assert torch.all(opt.state[t.param]["momentum_buffer"][~mask] == 0.0)
+
+
 def test_weights_and_state_are_zeroed_again_when_masks_change_from_outside() -> None:
     model, pruner, opt = train(OPTIMIZERS["adam"])
     other = {k: torch.rand_like(v, dtype=torch.float) < 0.5 for k, v in pruner.masks.items()}
