@@ -7,11 +7,14 @@ compiler, so the tests take seconds."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import secateurs as sc
 from secateurs import Pruner
 from secateurs.schedules import Cubic
 
@@ -72,10 +75,29 @@ def test_a_pruner_on_the_compiled_module_prunes_its_parameters() -> None:
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter)
     pruner = Pruner(compiled, schedule(), update_every=2, optimizer=opt)
-    assert [t.name for t in pruner.targets] == ["_orig_mod.0.weight", "_orig_mod.2.weight",
-                                                "_orig_mod.4.weight"]
+    # The module it wraps is pruned: its names, without torch.compile's "_orig_mod." prefix.
+    assert pruner.model is model
+    assert [t.name for t in pruner.targets] == ["0.weight", "2.weight", "4.weight"]
     frames = train(model, compiled, opt, pruner, counter)
     assert pruner.sparsity() == pytest.approx(0.8, abs=0.01)
     assert frames[-1] == frames[0] == 1, f"recompiled: frames per step {frames}"
     assert list(model.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias",
                                         "4.weight", "4.bias"]
+
+
+def test_a_checkpoint_of_a_compiled_model_loads_into_the_eager_one(tmp_path: Path) -> None:
+    model, opt = build()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    pruner = Pruner(compiled, schedule(), update_every=2, optimizer=opt)
+    train(model, compiled, opt, pruner, counter)
+    sc.save(tmp_path / "c.safetensors", compiled, pruner, opt)
+    eager, eager_opt = build()
+    eager_pruner = Pruner(eager, schedule(), update_every=2, optimizer=eager_opt)
+    sc.load(tmp_path / "c.safetensors", eager, eager_pruner, eager_opt)
+    for (k, a), b in zip(model.state_dict().items(), eager.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    for name in pruner.masks:
+        assert torch.equal(pruner.masks[name], eager_pruner.masks[name]), name
+    assert eager_pruner.step_count == pruner.step_count
+    sc.load(tmp_path / "c.safetensors", torch.compile(eager, backend=counter), eager_pruner)

@@ -34,7 +34,7 @@ from .selection import (
     select_units,
 )
 from .tables import text_table
-from .targets import Target, TargetSpec, resolve_targets
+from .targets import Target, TargetSpec, resolve_targets, unwrap_compiled
 
 __all__ = ["Pruner", "SparsitySpec", "Summary", "TargetSummary"]
 
@@ -104,7 +104,9 @@ class Pruner:
     ) -> None:
         if isinstance(sparsity, Mapping) and targets is None:
             targets = list(sparsity)
-        self.model = model
+        # A compiled model prunes the module it wraps: the same names, masks and checkpoints
+        # as the module itself, and the compiled forward reads the same parameters.
+        self.model = model = unwrap_compiled(model)
         self.targets = resolve_targets(model, targets)
         _refuse_sharded(self.targets)
         self.criterion = get_criterion(criterion)

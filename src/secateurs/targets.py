@@ -37,6 +37,16 @@ def register_transposed(module_type: type[nn.Module]) -> None:
     _TRANSPOSED.add(module_type)
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile(module)`` wraps (its ``OptimizedModule`` holds it as
+    ``_orig_mod``, which would prefix every name), or ``model`` itself. Recognised without
+    importing ``torch._dynamo``."""
+    inner = getattr(model, "_orig_mod", None)
+    while type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        model, inner = inner, getattr(inner, "_orig_mod", None)
+    return model
+
+
 def is_transposed_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a linear layer whose weight is stored ``(in, out)``:
     a registered type, or Hugging Face's ``Conv1D`` (recognised without importing

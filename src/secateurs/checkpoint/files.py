@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..pruner import Pruner
+from ..targets import unwrap_compiled
 from . import container
 from .atomic import write_atomic_stream
 from .codec import Encoder, decode, encode
@@ -99,6 +100,7 @@ def save(
             previous file at ``path`` is intact.
     """
     _check_types(model, pruner, optimizer)
+    model = unwrap_compiled(model)  # the names of the module, compiled or not
     enc = Encoder()
     sections: dict[str, Any] = {"model": encode(model.state_dict(), "model", enc)}
     if pruner is not None:
@@ -425,6 +427,7 @@ def load(
         TypeError: if ``model`` is not an ``nn.Module``.
     """
     _check_types(model, pruner, optimizer)
+    model = unwrap_compiled(model)
     path = Path(path)
     where = f"checkpoint {str(path)!r}"
     r = process_rank() if rank is None else rank
