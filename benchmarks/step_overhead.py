@@ -150,7 +150,7 @@ OPTIMIZER_TEXT = {
     "adamw-fused": "the same AdamW with `fused=True` (the Hugging Face Trainer's default "
                    "optimizer, `adamw_torch_fused`)",
 }
-FRAMEWORK_PLAN = {"rounds": 4, "steps": 20, "warmup": 3}
+FRAMEWORK_PLAN = {"rounds": 8, "steps": 20, "warmup": 3}
 #: Quick runs (tests) only exercise the code: two optimizers are enough.
 QUICK_OPTIMIZERS = ("sgd", "adamw")
 
