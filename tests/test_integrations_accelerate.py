@@ -24,15 +24,19 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS * ACCUMULATE)]
 
 
-def run(out: Path, resume: bool = False) -> tuple[nn.Module, Pruner, torch.optim.Optimizer]:
+def run(out: Path, resume: bool = False, recipe: object = None
+        ) -> tuple[nn.Module, Pruner, torch.optim.Optimizer]:
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATE)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                           nn.Linear(32, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     model, opt = accelerator.prepare(model, opt)
-    pruner = prepare_pruner(accelerator, model, opt, Cubic(0.0, 0.8, begin_step=0, end_step=10),
-                            update_every=2)
+    if recipe is None:
+        pruner = prepare_pruner(accelerator, model, opt,
+                                Cubic(0.0, 0.8, begin_step=0, end_step=10), update_every=2)
+    else:
+        pruner = prepare_pruner(accelerator, model, opt, recipe=recipe)
     data = batches()
     start = 0
     if resume:
@@ -65,3 +69,12 @@ def test_accelerate_prunes_and_resumes_bit_for_bit(tmp_path: Path) -> None:
         assert torch.equal(a, b), k
     for name in pruner.masks:
         assert torch.equal(pruner.masks[name], again.masks[name]), name
+
+
+def test_a_training_recipe_prepares_the_same_pruner(tmp_path: Path) -> None:
+    model, pruner, _ = run(tmp_path / "arguments")
+    recipe = {"sparsity": 0.8, "schedule": {"end_step": 10}, "update_every": 2}
+    same, again, _ = run(tmp_path / "recipe", recipe=recipe)
+    assert [t.name for t in again.targets] == [t.name for t in pruner.targets]
+    for (k, a), b in zip(model.state_dict().items(), same.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k

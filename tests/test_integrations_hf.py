@@ -14,7 +14,8 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from secateurs.controllers import Budget  # noqa: E402
-from secateurs.integrations.hf import STATE_FILE, PruningCallback  # noqa: E402
+from secateurs.integrations.hf import RECIPE_FILE, STATE_FILE, PruningCallback  # noqa: E402
+from secateurs.recipes import RecipeError, TrainingRecipe  # noqa: E402
 from secateurs.schedules import Cubic  # noqa: E402
 
 STEPS, SAVE_AT = 12, 6
@@ -116,3 +117,39 @@ def test_tensorboard_records_the_sparsity_when_the_callback_comes_first(
     assert {"train/sparsity", "train/target_sparsity", "train/learning_rate"} <= set(
         events.Tags()["scalars"])
     assert events.Scalars("train/sparsity")[-1].value == pytest.approx(0.5, abs=0.01)
+
+
+RECIPE = """
+criterion: magnitude
+sparsity: 0.8
+schedule: {kind: cubic, begin_step: 0, end_step: 10}
+update_every: 2
+"""
+
+
+def test_a_training_recipe_file_drives_the_callback_and_is_saved_with_each_checkpoint(
+        tmp_path: Path) -> None:
+    path = tmp_path / "prune.yaml"
+    path.write_text(RECIPE)
+    prune = PruningCallback(recipe=path)
+    run = trainer(tmp_path / "out", prune)
+    run.train()
+    assert prune.pruner is not None and prune.pruner.sparsity() == pytest.approx(0.8, abs=0.01)
+    saved = TrainingRecipe.from_yaml(tmp_path / "out" / f"checkpoint-{SAVE_AT}" / RECIPE_FILE)
+    assert saved == TrainingRecipe.from_yaml(path)
+    # The same pruning as the Pruner's arguments say (the Budget only watches here).
+    by_hand = callback()
+    run_by_hand = trainer(tmp_path / "by-hand", by_hand)
+    run_by_hand.train()
+    for (k, a), b in zip(run.model.state_dict().items(),
+                         run_by_hand.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_a_wrong_recipe_fails_when_the_callback_is_made_not_mid_training(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="field 'schedule.end_step' is required"):
+        PruningCallback(recipe={"schedule": {"begin_step": 3}})
+    with pytest.raises(TypeError, match="the recipe sets sparsity, update_every"):
+        PruningCallback(0.5, recipe={}, update_every=3)
+    with pytest.raises(RecipeError, match="cannot read recipe"):
+        PruningCallback(recipe=tmp_path / "absent.yaml")

@@ -94,3 +94,17 @@ def test_lightning_prunes_resumes_and_ends_bit_for_bit(tmp_path: Path) -> None:
         assert torch.equal(a, b), k
     for name in pruner.masks:
         assert torch.equal(pruner.masks[name], again.pruner.masks[name]), name
+
+
+def test_a_training_recipe_drives_the_callback_like_the_pruners_arguments(
+        tmp_path: Path) -> None:
+    recipe = {"sparsity": 0.8, "schedule": {"end_step": 10}, "update_every": 2}
+    prune = PruningCallback(recipe=recipe)
+    module, _ = fit(tmp_path / "recipe", prune)
+    by_hand, _ = fit(tmp_path / "by-hand", callback())
+    assert prune.pruner is not None and prune.pruner.sparsity() == pytest.approx(0.8, abs=0.01)
+    for (k, a), b in zip(module.state_dict().items(), by_hand.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(TypeError, match="the recipe sets criterion"):
+        PruningCallback(criterion="taylor", recipe=recipe)

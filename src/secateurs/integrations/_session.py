@@ -3,6 +3,7 @@ controller it feeds, and the figures it logs."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,37 @@ import torch
 from torch import nn
 
 from ..pruner import Pruner, SparsitySpec
+from ..recipes import TrainingRecipe
+
+#: The Pruner arguments a training recipe sets.
+_RECIPE_SETS = {"sparsity", "criterion", "scope", "granularity", "update_every", "targets"}
+
+
+def as_training_recipe(recipe: Any) -> TrainingRecipe:
+    """``recipe`` as a :class:`~secateurs.recipes.TrainingRecipe`: one already, a mapping of
+    its fields, or the path of its YAML file.
+
+    Raises:
+        RecipeError: for a wrong field or a file that cannot be read.
+        TypeError: for anything else.
+    """
+    if isinstance(recipe, TrainingRecipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return TrainingRecipe.from_dict(dict(recipe))
+    if isinstance(recipe, (str, os.PathLike)):
+        return TrainingRecipe.from_yaml(recipe)
+    raise TypeError(f"recipe must be a TrainingRecipe, a mapping of its fields or the path "
+                    f"of its YAML file, got {type(recipe).__name__}")
+
+
+def make_pruner(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                sparsity: SparsitySpec, criterion: Any, options: Mapping[str, Any],
+                recipe: TrainingRecipe | None) -> Pruner:
+    """The pruner the recipe describes, or the one the arguments do."""
+    if recipe is not None:
+        return recipe.pruner(model, optimizer, **options)
+    return Pruner(model, sparsity, criterion, optimizer=optimizer, **options)
 
 
 class Session:
@@ -17,7 +49,7 @@ class Session:
 
     Args:
         sparsity: The pruner's ``sparsity`` (a float, a schedule, a mapping).
-        criterion: The pruner's ``criterion``.
+        criterion: The pruner's ``criterion`` (``None``: ``magnitude``).
         controller: Fed the evaluation metrics (anything with ``observe(metrics)``, e.g.
             :class:`~secateurs.controllers.Budget` or
             :class:`~secateurs.controllers.Plateau`); one with ``attach(pruner)`` (a
@@ -25,16 +57,28 @@ class Session:
             the pruner (``state_dict`` / ``load_state_dict``).
         options: Further keyword arguments of :class:`~secateurs.Pruner` (``scope``,
             ``granularity``, ``update_every``, ``targets``, ...).
+        recipe: Instead of ``sparsity``, ``criterion`` and the options a recipe sets: a
+            :class:`~secateurs.recipes.TrainingRecipe`, a mapping of its fields or the path
+            of its YAML file (checked now, before training starts).
     """
 
     def __init__(self, sparsity: SparsitySpec, criterion: Any, controller: Any,
-                 options: Mapping[str, Any]) -> None:
+                 options: Mapping[str, Any], recipe: Any = None) -> None:
         if controller is not None and not callable(getattr(controller, "observe", None)):
             raise TypeError(f"controller must have an observe(metrics) method (a Budget, a "
                             f"Plateau), got {type(controller).__name__}")
         if "optimizer" in options:
             raise TypeError("the optimizer is the framework's: do not pass optimizer=")
-        self.sparsity, self.criterion, self.controller = sparsity, criterion, controller
+        self.recipe = None if recipe is None else as_training_recipe(recipe)
+        if self.recipe is not None:
+            given = [k for k, v in (("sparsity", sparsity), ("criterion", criterion))
+                     if v is not None]
+            given += sorted(set(options) & _RECIPE_SETS)
+            if given:
+                raise TypeError(f"the recipe sets {', '.join(given)}: give either recipe= or "
+                                "the pruner's arguments, not both")
+        self.sparsity, self.controller = sparsity, controller
+        self.criterion = "magnitude" if criterion is None else criterion
         self.options = dict(options)
         self.pruner: Pruner | None = None
         self._pending: Mapping[str, Any] | None = None  # a state restored before the build
@@ -45,8 +89,8 @@ class Session:
         pruner built before (an earlier ``train()``) is closed first: its hooks go."""
         if self.pruner is not None:
             self.pruner.close()
-        self.pruner = Pruner(model, self.sparsity, self.criterion, optimizer=optimizer,
-                             **self.options)
+        self.pruner = make_pruner(model, optimizer, self.sparsity, self.criterion,
+                                  self.options, self.recipe)
         attach = getattr(self.controller, "attach", None)
         if callable(attach):
             attach(self.pruner)

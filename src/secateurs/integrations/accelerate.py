@@ -32,13 +32,15 @@ from torch import nn
 
 from ..criteria import Criterion
 from ..pruner import Pruner, SparsitySpec
+from ._session import Session
 
 __all__ = ["prepare_pruner"]
 
 
 def prepare_pruner(accelerator: Accelerator, model: nn.Module,
                    optimizer: torch.optim.Optimizer | None = None, sparsity: SparsitySpec = None,
-                   criterion: str | Criterion = "magnitude", **options: Any) -> Pruner:
+                   criterion: str | Criterion | None = None, *, recipe: Any = None,
+                   **options: Any) -> Pruner:
     """A :class:`~secateurs.Pruner` for a model and optimizer ``accelerator.prepare``
     returned, registered with ``accelerator.register_for_checkpointing`` so that
     ``accelerator.save_state`` / ``load_state`` save and restore it with the rest.
@@ -48,13 +50,17 @@ def prepare_pruner(accelerator: Accelerator, model: nn.Module,
         model: The prepared model (wrapped or not).
         optimizer: The prepared optimizer, whose state the pruner masks.
         sparsity: The pruner's ``sparsity``.
-        criterion: The pruner's ``criterion``.
+        criterion: The pruner's ``criterion`` (default ``magnitude``).
+        recipe: Instead of ``sparsity``, ``criterion`` and the options it sets: a
+            :class:`~secateurs.recipes.TrainingRecipe`, a mapping of its fields or the path
+            of its YAML file.
         **options: Further arguments of :class:`~secateurs.Pruner`.
 
     Returns:
         The pruner, on the unwrapped module.
     """
+    session = Session(sparsity, criterion, None, options, recipe)  # checks the arguments
     module = accelerator.unwrap_model(model, keep_torch_compile=False)
-    pruner = Pruner(module, sparsity, criterion, optimizer=optimizer, **options)
+    pruner = session.build(module, optimizer)
     accelerator.register_for_checkpointing(pruner)
     return pruner

@@ -21,12 +21,14 @@ from ..criteria import Criterion
 from ..pruner import Pruner, SparsitySpec
 from ._session import Session
 
-__all__ = ["STATE_FILE", "PruningCallback"]
+__all__ = ["RECIPE_FILE", "STATE_FILE", "PruningCallback"]
 
 #: The file, inside each of the Trainer's ``checkpoint-<step>`` folders, that holds the
 #: pruner's state (a :func:`secateurs.save` checkpoint without the weights, which the
 #: Trainer saves itself).
 STATE_FILE = "secateurs_pruner.safetensors"
+#: The file beside it that repeats the training recipe, when the callback was given one.
+RECIPE_FILE = "secateurs_recipe.yaml"
 
 
 class PruningCallback(TrainerCallback):
@@ -46,11 +48,14 @@ class PruningCallback(TrainerCallback):
     - ``on_evaluate``: feeds the evaluation metrics (``eval_loss``, ``eval_accuracy``, ...)
       to ``controller``.
     - ``on_save``: writes the pruner's state as :data:`STATE_FILE` into the checkpoint
-      folder just saved.
+      folder just saved (and the recipe, if one was given, as :data:`RECIPE_FILE`).
 
     Args:
         sparsity: The pruner's ``sparsity``.
-        criterion: The pruner's ``criterion``.
+        criterion: The pruner's ``criterion`` (default ``magnitude``).
+        recipe: Instead of ``sparsity``, ``criterion`` and the options it sets: a
+            :class:`~secateurs.recipes.TrainingRecipe`, a mapping of its fields or the path
+            of its YAML file, checked here, before training starts.
         controller: Fed the evaluation metrics after each evaluation (``observe``); a
             :class:`~secateurs.controllers.Budget` is attached to the pruner. Give the
             pruner its schedule (``sparsity=budget.sparsity``) and its metric with the
@@ -65,10 +70,11 @@ class PruningCallback(TrainerCallback):
         pruner: The pruner (``None`` until training starts).
     """
 
-    def __init__(self, sparsity: SparsitySpec = None, criterion: str | Criterion = "magnitude",
-                 *, controller: Any = None, resume_from: str | os.PathLike[str] | None = None,
+    def __init__(self, sparsity: SparsitySpec = None, criterion: str | Criterion | None = None,
+                 *, recipe: Any = None, controller: Any = None,
+                 resume_from: str | os.PathLike[str] | None = None,
                  **options: Any) -> None:
-        self.session = Session(sparsity, criterion, controller, options)
+        self.session = Session(sparsity, criterion, controller, options, recipe)
         self.resume_from = None if resume_from is None else Path(resume_from)
 
     @property
@@ -116,6 +122,8 @@ class PruningCallback(TrainerCallback):
             checkpoint.save(folder / STATE_FILE, nn.Module(), self.session.pruner, rng=False,
                             states=None if controller is None else {"controller": controller},
                             meta={"global_step": state.global_step})
+            if self.session.recipe is not None:
+                self.session.recipe.to_yaml(folder / RECIPE_FILE)
 
     def _load(self, path: Path, step: int) -> None:
         if not path.is_file():

@@ -41,7 +41,10 @@ class PruningCallback(pl.Callback):
 
     Args:
         sparsity: The pruner's ``sparsity``.
-        criterion: The pruner's ``criterion``.
+        criterion: The pruner's ``criterion`` (default ``magnitude``).
+        recipe: Instead of ``sparsity``, ``criterion`` and the options it sets: a
+            :class:`~secateurs.recipes.TrainingRecipe`, a mapping of its fields or the path
+            of its YAML file, checked here, before training starts.
         controller: Fed the validation metrics after each validation (``observe``); a
             :class:`~secateurs.controllers.Budget` is attached to the pruner (give the pruner
             its schedule: ``sparsity=budget.sparsity``).
@@ -54,9 +57,10 @@ class PruningCallback(pl.Callback):
         pruner: The pruner (``None`` until training starts).
     """
 
-    def __init__(self, sparsity: SparsitySpec = None, criterion: str | Criterion = "magnitude",
-                 *, controller: Any = None, log: bool = True, **options: Any) -> None:
-        self.session = Session(sparsity, criterion, controller, options)
+    def __init__(self, sparsity: SparsitySpec = None, criterion: str | Criterion | None = None,
+                 *, recipe: Any = None, controller: Any = None, log: bool = True,
+                 **options: Any) -> None:
+        self.session = Session(sparsity, criterion, controller, options, recipe)
         self.log = log
         self._steps = 0  # trainer.global_step when the pruner last stepped
 

@@ -1,4 +1,5 @@
-"""Recipes: one validated description of a one-shot pruning run, in YAML or Python.
+"""Recipes: validated descriptions of a pruning run, in YAML or Python: one-shot
+(:class:`Recipe`) or while training (:class:`TrainingRecipe`).
 
 Example:
     >>> recipe = Recipe(sparsity=0.5, criterion="contribution", reconstruct=True)
@@ -24,6 +25,7 @@ from .schema import (
     ReconstructionOptions,
     read_mapping,
 )
+from .training import ScheduleOptions, TrainingRecipe
 
 __all__ = [
     "Calibration",
@@ -32,6 +34,8 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "ReconstructionOptions",
+    "ScheduleOptions",
+    "TrainingRecipe",
     "apply_recipe",
     "default_targets",
     "outlier_ratios",

@@ -4,7 +4,7 @@ included), then :func:`~secateurs.prune_`."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -17,6 +17,7 @@ from .owl import owl_sparsity
 
 if TYPE_CHECKING:
     from .schema import Recipe
+    from .training import TrainingRecipe
 
 __all__ = ["apply_recipe", "default_targets", "recipe_sparsity", "recipe_targets"]
 
@@ -48,7 +49,7 @@ def default_targets(model: nn.Module) -> list[Target]:
     return chosen
 
 
-def recipe_targets(recipe: Recipe, model: nn.Module) -> list[Target]:
+def recipe_targets(recipe: Recipe | TrainingRecipe, model: nn.Module) -> list[Target]:
     """The targets a recipe names on ``model`` (see ``Recipe.targets`` and ``exclude``).
 
     Raises:
@@ -82,12 +83,22 @@ def recipe_sparsity(recipe: Recipe, model: nn.Module, targets: list[Target],
                             progress=progress)
     if not isinstance(recipe.sparsity, dict):
         return recipe.sparsity
-    patterns = [(re.compile(k), v) for k, v in recipe.sparsity.items()]
+    return per_target(recipe.sparsity, targets)
+
+
+def per_target(patterns: Mapping[str, float], targets: list[Target]) -> dict[str, float]:
+    """Target name -> the value of the first of ``patterns`` (regular expressions searched
+    in the name) that matches it.
+
+    Raises:
+        ValueError: for a target that no pattern matches.
+    """
+    compiled = [(re.compile(k), v) for k, v in patterns.items()]
     out: dict[str, float] = {}
     for t in targets:
-        hit = next((v for p, v in patterns if p.search(t.name)), None)
+        hit = next((v for p, v in compiled if p.search(t.name)), None)
         if hit is None:
-            raise ValueError(f"recipe field 'sparsity': no pattern of {list(recipe.sparsity)} "
+            raise ValueError(f"recipe field 'sparsity': no pattern of {list(patterns)} "
                              f"matches target {t.name!r}; add one (e.g. '.': 0.5 for the "
                              "rest)")
         out[t.name] = hit

@@ -1,4 +1,5 @@
-"""The recipe: one validated description of a one-shot pruning run.
+"""Recipes: validated descriptions of a pruning run, one-shot (:class:`Recipe`) or during
+training (:class:`~secateurs.recipes.TrainingRecipe`, on the same shared fields).
 
 Fields are checked when a :class:`Recipe` is built (from Python, a mapping or YAML), before
 any model is touched; a wrong one raises :class:`RecipeError` (a ``ValueError``) that names
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import (
@@ -93,64 +94,27 @@ def _fraction(name: str, value: Any, top: float, granularity: str) -> float:
     return float(value)
 
 
-class Recipe(_Strict):
-    """A one-shot pruning run: criterion, sparsity, granularity, targets, reconstruction,
-    calibration.
+class _Pruning(_Strict):
+    """What the one-shot and the training recipe share: criterion, sparsity, granularity,
+    scope, targets, with their checks, and the YAML round trip."""
 
-    Attributes:
-        version: Format version of the recipe (1).
-        criterion: A registered criterion name (``contribution``, ``magnitude``, ...).
-        criterion_options: Keyword arguments of the criterion (e.g. ``{p: 2}``).
-        sparsity: Fraction of weights removed per target, in ``[0, 1)`` (at most
-            ``1 - N/M`` for N:M); ``null`` with N:M means ``1 - N/M``; or a mapping of
-            regular expressions to fractions, each target taking the first that matches
-            its name (every target must match one).
-        allocation: ``uniform`` (every target at ``sparsity``) or ``owl``: per block,
-            from its share of outlier scores, with the parameter-weighted mean kept at
-            ``sparsity`` (needs a number ``sparsity`` and granularity ``element``).
-        owl: Options of the ``owl`` allocation.
-        granularity: ``element`` or ``N:M`` (e.g. ``2:4``).
-        scope: ``row`` (per output row, as Wanda), ``layer`` or ``global``.
-        targets: ``null`` (the default): every linear weight inside the model's repeated
-            blocks (``lm_head``, embeddings, poolers excluded), or every linear and
-            convolution weight but the output embeddings when there are no blocks; a
-            regular expression searched in parameter names; or a list of names.
-        exclude: A regular expression; matching targets are left dense.
-        reconstruct: ``false``, ``true`` (default options) or reconstruction options.
-        sequential: Prune block by block, each on the outputs of the blocks already
-            pruned (the layer-wise pipeline; cost linear in depth).
-        measure_error: Report each target's relative output error (collects ``X^T X``).
-        calibration: Samples, sequence length, batch size and seed of the calibration
-            text.
-    """
+    #: Nested sections (field -> model), for naming the valid fields of a wrong one.
+    _nested: ClassVar[dict[str, type[BaseModel]]] = {}
 
     version: Literal[1] = 1
     criterion: str = "contribution"
     criterion_options: dict[str, int | float | str | bool] = Field(default_factory=dict)
     sparsity: float | dict[str, float] | None = 0.5
-    allocation: Literal["uniform", "owl"] = "uniform"
-    owl: OwlOptions = OwlOptions()
     granularity: str = "element"
     scope: Literal["row", "layer", "global"] = "row"
     targets: str | list[str] | None = None
     exclude: str | None = None
-    reconstruct: ReconstructionOptions | None = None
-    sequential: bool = True
-    measure_error: bool = True
-    calibration: Calibration = Calibration()
 
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
         except ValidationError as error:
-            raise RecipeError(describe(error)) from None
-
-    @field_validator("reconstruct", mode="before")
-    @classmethod
-    def _reconstruct(cls, value: Any) -> Any:
-        if value is True:
-            return ReconstructionOptions()
-        return None if value is False else value
+            raise RecipeError(describe(error, type(self))) from None
 
     @field_validator("criterion")
     @classmethod
@@ -212,8 +176,7 @@ class Recipe(_Strict):
             return {**data, "sparsity": None}
         return data
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Recipe:
+    def _check_sparsity(self) -> None:
         nm = _nm(self.granularity)
         top = 1.0 - nm[0] / nm[1] if nm else 1.0
         if self.sparsity is None and nm is None:
@@ -227,41 +190,20 @@ class Recipe(_Strict):
                 _fraction(f"sparsity.{key}", value, top, self.granularity)
         elif self.sparsity is not None:
             _fraction("sparsity", self.sparsity, top, self.granularity)
-        if self.allocation == "owl" and (nm is not None or not isinstance(self.sparsity, float)):
-            raise _bad("allocation", "owl", "sets per-block sparsities around one number: it "
-                       f"needs granularity 'element' (got {self.granularity!r}) and a number "
-                       f"sparsity (got {self.sparsity!r})")
-        if self.scope == "global" and (self.sequential or isinstance(self.sparsity, dict)
-                                       or self.allocation == "owl"):
-            raise _bad("scope", "global", "ranks every target at once: it needs sequential: "
-                       "false, one number sparsity and allocation uniform")
-        self.build_criterion()
-        return self
 
-    def build_criterion(self) -> Any:
-        """The criterion object the recipe names, with its options."""
+    def _criterion_object(self) -> Any:
         from ..criteria import get_criterion
 
         try:
-            crit = get_criterion(self.criterion, **self.criterion_options)
+            return get_criterion(self.criterion, **self.criterion_options)
         except (TypeError, ValueError) as err:
             raise _bad("criterion_options", self.criterion_options,
                        f"options of criterion {self.criterion!r} rejected: {err}") from None
-        try:
-            loss = crit.request is not None and crit.request.loss is not None
-        except ValueError as err:  # a criterion that cannot run without a loss says so
-            loss, reason = True, f" ({err})"
-        else:
-            reason = ""
-        if loss:
-            raise _bad("criterion", self.criterion, f"needs a loss function{reason}, which "
-                       "a recipe cannot hold; use contribution or magnitude")
-        return crit
 
     # -- files -----------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "") -> Recipe:
+    def from_dict(cls, data: Any, *, source: str = "") -> Self:
         """A recipe from a mapping (as YAML reads it).
 
         Raises:
@@ -276,7 +218,7 @@ class Recipe(_Strict):
             raise RecipeError(f"{error}{source}") from None
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> Recipe:
+    def from_yaml(cls, path: str | os.PathLike[str]) -> Self:
         """Read a recipe from a YAML file (fields left out take their defaults).
 
         Raises:
@@ -285,7 +227,7 @@ class Recipe(_Strict):
         return cls.from_dict(read_mapping(path), source=f" in {os.fspath(path)!r}")
 
     @classmethod
-    def from_yaml_text(cls, text: str, *, source: str = "") -> Recipe:
+    def from_yaml_text(cls, text: str, *, source: str = "") -> Self:
         """A recipe from YAML text (``{}`` or empty text: every default)."""
         return cls.from_dict(_parse(text, source), source=source)
 
@@ -300,6 +242,104 @@ class Recipe(_Strict):
             Path(path).write_text(text, encoding="utf-8")
         return text
 
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` (validated like a new recipe)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
+#: Fields only a training recipe has: a file with them is not a one-shot recipe.
+TRAINING_FIELDS = ("schedule", "update_every")
+
+
+class Recipe(_Pruning):
+    """A one-shot pruning run: criterion, sparsity, granularity, targets, reconstruction,
+    calibration.
+
+    Attributes:
+        version: Format version of the recipe (1).
+        criterion: A registered criterion name (``contribution``, ``magnitude``, ...).
+        criterion_options: Keyword arguments of the criterion (e.g. ``{p: 2}``).
+        sparsity: Fraction of weights removed per target, in ``[0, 1)`` (at most
+            ``1 - N/M`` for N:M); ``null`` with N:M means ``1 - N/M``; or a mapping of
+            regular expressions to fractions, each target taking the first that matches
+            its name (every target must match one).
+        allocation: ``uniform`` (every target at ``sparsity``) or ``owl``: per block,
+            from its share of outlier scores, with the parameter-weighted mean kept at
+            ``sparsity`` (needs a number ``sparsity`` and granularity ``element``).
+        owl: Options of the ``owl`` allocation.
+        granularity: ``element`` or ``N:M`` (e.g. ``2:4``).
+        scope: ``row`` (per output row, as Wanda), ``layer`` or ``global``.
+        targets: ``null`` (the default): every linear weight inside the model's repeated
+            blocks (``lm_head``, embeddings, poolers excluded), or every linear and
+            convolution weight but the output embeddings when there are no blocks; a
+            regular expression searched in parameter names; or a list of names.
+        exclude: A regular expression; matching targets are left dense.
+        reconstruct: ``false``, ``true`` (default options) or reconstruction options.
+        sequential: Prune block by block, each on the outputs of the blocks already
+            pruned (the layer-wise pipeline; cost linear in depth).
+        measure_error: Report each target's relative output error (collects ``X^T X``).
+        calibration: Samples, sequence length, batch size and seed of the calibration
+            text.
+    """
+
+    _nested: ClassVar[dict[str, type[BaseModel]]] = {
+        "calibration": Calibration, "owl": OwlOptions, "reconstruct": ReconstructionOptions}
+
+    allocation: Literal["uniform", "owl"] = "uniform"
+    owl: OwlOptions = OwlOptions()
+    reconstruct: ReconstructionOptions | None = None
+    sequential: bool = True
+    measure_error: bool = True
+    calibration: Calibration = Calibration()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_shot(cls, data: Any) -> Any:
+        found = [k for k in TRAINING_FIELDS if isinstance(data, dict) and k in data]
+        if found:
+            raise ValueError(
+                f"field {found[0]!r} belongs to a training recipe "
+                "(secateurs.recipes.TrainingRecipe, taken by the Trainer, Lightning and "
+                "Accelerate callbacks), which prunes while the model trains; this recipe "
+                "prunes once, from calibration data")
+        return data
+
+    @field_validator("reconstruct", mode="before")
+    @classmethod
+    def _reconstruct(cls, value: Any) -> Any:
+        if value is True:
+            return ReconstructionOptions()
+        return None if value is False else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        self._check_sparsity()
+        nm = _nm(self.granularity)
+        if self.allocation == "owl" and (nm is not None or not isinstance(self.sparsity, float)):
+            raise _bad("allocation", "owl", "sets per-block sparsities around one number: it "
+                       f"needs granularity 'element' (got {self.granularity!r}) and a number "
+                       f"sparsity (got {self.sparsity!r})")
+        if self.scope == "global" and (self.sequential or isinstance(self.sparsity, dict)
+                                       or self.allocation == "owl"):
+            raise _bad("scope", "global", "ranks every target at once: it needs sequential: "
+                       "false, one number sparsity and allocation uniform")
+        self.build_criterion()
+        return self
+
+    def build_criterion(self) -> Any:
+        """The criterion object the recipe names, with its options."""
+        crit = self._criterion_object()
+        try:
+            loss = crit.request is not None and crit.request.loss is not None
+        except ValueError as err:  # a criterion that cannot run without a loss says so
+            loss, reason = True, f" ({err})"
+        else:
+            reason = ""
+        if loss:
+            raise _bad("criterion", self.criterion, f"needs a loss function{reason}, which "
+                       "a recipe cannot hold; use contribution or magnitude")
+        return crit
+
     def apply(self, model: Any, batches: Any, *, progress: bool = True) -> Any:
         """Prune ``model`` in place as this recipe says, from calibration ``batches``;
         returns the :class:`~secateurs.oneshot.PruneReport` (see
@@ -307,10 +347,6 @@ class Recipe(_Strict):
         from .apply import apply_recipe
 
         return apply_recipe(self, model, batches, progress=progress)
-
-    def replace(self, **changes: Any) -> Recipe:
-        """A copy with ``changes`` (validated like a new recipe)."""
-        return Recipe.from_dict({**self.to_dict(), **changes})
 
 
 class _Loader(yaml.SafeLoader):
@@ -366,20 +402,20 @@ def _check_pattern(name: str, pattern: str) -> None:
         raise _bad(name, pattern, f"not a valid regular expression: {err}") from None
 
 
-_NESTED: dict[str, type[BaseModel]] = {"calibration": Calibration, "owl": OwlOptions,
-                                       "reconstruct": ReconstructionOptions}
-
-
-def describe(error: ValidationError) -> str:
-    """One line per wrong field: its name, the value given and what is valid."""
+def describe(error: ValidationError, model: type[_Pruning] | None = None) -> str:
+    """One line per wrong field: its name, the value given and what is valid (the fields
+    of ``model``, default :class:`Recipe`, or of its nested section)."""
+    model = Recipe if model is None else model
     lines = []
     for e in error.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            parent = Recipe if len(e["loc"]) == 1 else _NESTED.get(str(e["loc"][0]))
+            parent = model if len(e["loc"]) == 1 else model._nested.get(str(e["loc"][0]))
             valid = f"; valid fields: {', '.join(parent.model_fields)}" if parent else ""
             lines.append(f"unknown field {loc!r}{valid}")
+        elif e["type"] == "missing":
+            lines.append(f"field {loc!r} is required")
         elif not loc or msg.startswith("field "):
             lines.append(msg)
         else:
