@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from secateurs import Pruner
+from secateurs.criteria import available_criteria
 from secateurs.recipes import Recipe, RecipeError, ScheduleOptions, TrainingRecipe
 from secateurs.recipes.training import _KINDS
 from secateurs.schedules import Cosine, Cubic, Linear
@@ -113,6 +114,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"update_every": 0}, "field 'update_every': got 0"),
     ({"scope": "global", "sparsity": {".": 0.5}}, "needs one number sparsity"),
     ({"criterion": "nope"}, "unknown criterion 'nope'"),
+    ({"criterion": "bn_scale"}, "field 'criterion': got 'bn_scale': scores whole channel"),
     ({"criterion_options": {"frobnicate": 1}}, "options of criterion 'magnitude' rejected"),
     ({"update_every": "5"}, "field 'update_every': got '5'"),
 ]
@@ -125,6 +127,20 @@ def test_a_wrong_field_is_named_with_its_value_and_what_is_valid(fields: dict[st
         TrainingRecipe.from_dict(fields, source=" in 'r.yaml'")
     assert message in str(info.value)
     assert str(info.value).endswith(" in 'r.yaml'")
+
+
+@pytest.mark.parametrize("name", available_criteria())
+def test_every_registered_criterion_trains_under_a_recipe_or_is_refused_by_it(name: str) -> None:
+    try:
+        recipe = TrainingRecipe(criterion=name, sparsity=0.5, update_every=2)
+    except RecipeError as err:
+        assert name in str(err) and "field 'criterion'" in str(err)
+        return
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    pruner = recipe.pruner(net, opt)
+    train(net, pruner, opt, steps=6)
+    assert pruner.sparsity() == pytest.approx(0.5, abs=0.01)
 
 
 def test_a_one_shot_recipe_refuses_training_fields_and_says_which_recipe_takes_them() -> None:

@@ -192,13 +192,18 @@ class _Pruning(_Strict):
             _fraction("sparsity", self.sparsity, top, self.granularity)
 
     def _criterion_object(self) -> Any:
-        from ..criteria import get_criterion
+        from ..criteria import BNScale, get_criterion
 
         try:
-            return get_criterion(self.criterion, **self.criterion_options)
+            crit = get_criterion(self.criterion, **self.criterion_options)
         except (TypeError, ValueError) as err:
             raise _bad("criterion_options", self.criterion_options,
                        f"options of criterion {self.criterion!r} rejected: {err}") from None
+        if isinstance(crit, BNScale):
+            raise _bad("criterion", self.criterion, "scores whole channel groups only "
+                       "(granularity 'channel' with example inputs, which a recipe does not "
+                       "take); use l1, l2 or magnitude to score elements")
+        return crit
 
     # -- files -----------------------------------------------------------------------------
 
