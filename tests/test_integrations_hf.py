@@ -151,5 +151,8 @@ def test_a_wrong_recipe_fails_when_the_callback_is_made_not_mid_training(tmp_pat
         PruningCallback(recipe={"schedule": {"begin_step": 3}})
     with pytest.raises(TypeError, match="the recipe sets sparsity, update_every"):
         PruningCallback(0.5, recipe={}, update_every=3)
+    budget = Budget(Cubic(0.0, 0.8, begin_step=0, end_step=10), baseline=1.0, tolerance=0.1)
+    with pytest.raises(TypeError, match="Budget steers sparsity through its own schedule"):
+        PruningCallback(recipe={}, controller=budget)
     with pytest.raises(RecipeError, match="cannot read recipe"):
         PruningCallback(recipe=tmp_path / "absent.yaml")

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..pruner import Pruner, SparsitySpec
 from ..recipes import TrainingRecipe
+from ..schedules import Schedule
 
 #: The Pruner arguments a training recipe sets.
 _RECIPE_SETS = {"sparsity", "criterion", "scope", "granularity", "update_every", "targets"}
@@ -77,6 +78,11 @@ class Session:
             if given:
                 raise TypeError(f"the recipe sets {', '.join(given)}: give either recipe= or "
                                 "the pruner's arguments, not both")
+            if isinstance(getattr(controller, "sparsity", None), Schedule):
+                raise TypeError(
+                    f"a {type(controller).__name__} steers sparsity through its own schedule, "
+                    "which the pruner must read, and the recipe gives the pruner another: "
+                    "give the pruner's arguments (sparsity=controller.sparsity) instead")
         self.sparsity, self.controller = sparsity, controller
         self.criterion = "magnitude" if criterion is None else criterion
         self.options = dict(options)
