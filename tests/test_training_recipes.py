@@ -15,6 +15,7 @@ from torch import nn
 from secateurs import Pruner
 from secateurs.criteria import available_criteria
 from secateurs.recipes import Recipe, RecipeError, ScheduleOptions, TrainingRecipe
+from secateurs.recipes.schema import TRAINING_FIELDS
 from secateurs.recipes.training import _KINDS
 from secateurs.schedules import Cosine, Cubic, Linear
 
@@ -144,6 +145,8 @@ def test_every_registered_criterion_trains_under_a_recipe_or_is_refused_by_it(na
 
 
 def test_a_one_shot_recipe_refuses_training_fields_and_says_which_recipe_takes_them() -> None:
+    assert set(TRAINING_FIELDS) == set(TrainingRecipe.model_fields) - set(Recipe.model_fields)
+    assert set(TrainingRecipe().pruner_arguments(model())) == TrainingRecipe.PRUNER_ARGUMENTS
     with pytest.raises(RecipeError, match="field 'schedule' belongs to a training recipe"):
         Recipe.from_dict({"schedule": {"end_step": 10}})
     with pytest.raises(RecipeError, match="field 'update_every' belongs to a training recipe"):

@@ -133,13 +133,19 @@ def open_regular(path: Path) -> io.BufferedReader:
         raise
 
 
-def _parse(raw: bytes, where: str) -> dict[str, Any]:
+def parse_json(raw: bytes | str, where: str, what: str) -> Any:
+    """``raw`` read as JSON; :class:`CheckpointError` naming ``where`` and ``what`` (e.g.
+    ``"safetensors header"``) when it is malformed or nested too deeply to read."""
     try:
-        header = json.loads(raw)
+        return json.loads(raw)
     except RecursionError:
-        raise CheckpointError(f"{where} has a safetensors header nested too deeply") from None
+        raise CheckpointError(f"{where} has a {what} nested too deeply") from None
     except ValueError:
-        raise CheckpointError(f"{where} has a malformed safetensors header") from None
+        raise CheckpointError(f"{where} has a malformed {what}") from None
+
+
+def _parse(raw: bytes, where: str) -> dict[str, Any]:
+    header = parse_json(raw, where, "safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{where} has a malformed safetensors header (not an object)")
     return header

@@ -168,12 +168,7 @@ def _header(f: io.BufferedReader, path: Path) -> _Header:
                               "checkpoint (no secateurs header)")
     text = raw[HEADER_KEY]
     where = f"checkpoint {str(path)!r}"
-    try:
-        header = json.loads(text)
-    except RecursionError:
-        raise CheckpointError(f"{where} has a JSON header nested too deeply") from None
-    except ValueError:
-        raise CheckpointError(f"{where} has a malformed JSON header") from None
+    header = container.parse_json(text, where, "JSON header")
     if not isinstance(header, dict) or header.get("format") != FORMAT \
             or not isinstance(header.get("format_version"), int):
         raise CheckpointError(f"{str(path)!r} is not a {FORMAT} file")

@@ -14,9 +14,6 @@ from ..pruner import Pruner, SparsitySpec
 from ..recipes import TrainingRecipe
 from ..schedules import Schedule
 
-#: The Pruner arguments a training recipe sets.
-_RECIPE_SETS = {"sparsity", "criterion", "scope", "granularity", "update_every", "targets"}
-
 
 def as_training_recipe(recipe: Any) -> TrainingRecipe:
     """``recipe`` as a :class:`~secateurs.recipes.TrainingRecipe`: one already, a mapping of
@@ -74,7 +71,7 @@ class Session:
         if self.recipe is not None:
             given = [k for k, v in (("sparsity", sparsity), ("criterion", criterion))
                      if v is not None]
-            given += sorted(set(options) & _RECIPE_SETS)
+            given += sorted(set(options) & TrainingRecipe.PRUNER_ARGUMENTS)
             if given:
                 raise TypeError(f"the recipe sets {', '.join(given)}: give either recipe= or "
                                 "the pruner's arguments, not both")

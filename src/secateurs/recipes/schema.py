@@ -407,10 +407,9 @@ def _check_pattern(name: str, pattern: str) -> None:
         raise _bad(name, pattern, f"not a valid regular expression: {err}") from None
 
 
-def describe(error: ValidationError, model: type[_Pruning] | None = None) -> str:
+def describe(error: ValidationError, model: type[_Pruning]) -> str:
     """One line per wrong field: its name, the value given and what is valid (the fields
-    of ``model``, default :class:`Recipe`, or of its nested section)."""
-    model = Recipe if model is None else model
+    of ``model``, or of its nested section)."""
     lines = []
     for e in error.errors():
         loc = ".".join(str(p) for p in e["loc"])

@@ -89,6 +89,9 @@ class TrainingRecipe(_Pruning):
     """
 
     _nested: ClassVar[dict[str, type[BaseModel]]] = {"schedule": ScheduleOptions}
+    #: The :class:`~secateurs.Pruner` arguments a training recipe sets.
+    PRUNER_ARGUMENTS: ClassVar[frozenset[str]] = frozenset(
+        {"sparsity", "criterion", "targets", "scope", "granularity", "update_every"})
 
     criterion: str = "magnitude"
     scope: Literal["row", "layer", "global"] = "layer"
@@ -140,9 +143,8 @@ class TrainingRecipe(_Pruning):
         """The :class:`~secateurs.Pruner` this recipe describes, on ``model`` and
         ``optimizer`` (``options``: further Pruner arguments the recipe does not set, such
         as ``strict``)."""
-        arguments = self.pruner_arguments(model)
-        clash = sorted(set(options) & set(arguments))
+        clash = sorted(set(options) & self.PRUNER_ARGUMENTS)
         if clash:
             raise TypeError(f"the recipe sets {', '.join(clash)}: change the recipe, not "
                             "the call")
-        return Pruner(model, optimizer=optimizer, **arguments, **options)
+        return Pruner(model, optimizer=optimizer, **self.pruner_arguments(model), **options)
